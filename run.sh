@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One entry point for set-up and the two README commands:
+#   ./run.sh pipeline [dvc repro args]   set up, then run the whole pipeline (sample profile, CPU)
+#   ./run.sh test [pytest args]          set up, then run the test suite
+#   ./run.sh setup                       only create/refresh the local venv (.venv) and fetch GPT-2's BPE file
+# Set-up is idempotent: it reinstalls only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${GPTLAB_VENV:-.venv}
+TORCH_VERSION=${GPTLAB_TORCH_VERSION:-2.13.0}
+
+pick_python() {
+  for py in ${PYTHON:-} python3.11 python3.12 python3.13 python3; do
+    if command -v "$py" >/dev/null 2>&1 &&
+      "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"
+      return
+    fi
+  done
+  echo "run.sh: error: Python >= 3.11 not found (set PYTHON=/path/to/python3.11)" >&2
+  exit 2
+}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "run.sh: creating $VENV" >&2
+    "$(pick_python)" -m venv "$VENV"
+  fi
+  local pip=("$VENV/bin/python" -m pip)
+  local stamp="$VENV/.gptlab-setup" want
+  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # torch goes first and pinned: an unpinned torch on a CPU-only Linux box pulls a multi-GB CUDA build.
+    local torch_args=("torch==$TORCH_VERSION")
+    if [ -n "${GPTLAB_TORCH_INDEX:-}" ]; then
+      torch_args+=(--index-url "$GPTLAB_TORCH_INDEX")
+    elif ! command -v nvidia-smi >/dev/null 2>&1 &&
+      ! "${pip[@]}" install -q --dry-run --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+      # No GPU and no local wheel: take the CPU build from PyTorch's own index.
+      torch_args+=(--index-url https://download.pytorch.org/whl/cpu)
+    fi
+    echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,dev] into $VENV" >&2
+    "${pip[@]}" install -q "${torch_args[@]}"
+    "${pip[@]}" install -q -e ".[pipeline,dev]"
+    echo "$want" >"$stamp"
+  fi
+  # GPT-2's BPE file for offline tokenization (a no-op once the verified copy is cached).
+  if [ -z "${GPTLAB_TIKTOKEN_FILE:-}" ]; then
+    "$VENV/bin/gptlab" fetch-tokenizer >/dev/null
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  pipeline)
+    setup
+    exec "$VENV/bin/python" -m pipelines.run "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh {pipeline|test|setup} [args]" >&2
+    exit 2
+    ;;
+esac

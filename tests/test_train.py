@@ -1,0 +1,228 @@
+"""Training loop: schedule, optimizer groups, accumulation, exact resume, NaN guard, callbacks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import Checkpointer
+from gptlab.config import GPTConfig
+from gptlab.data import ShardWriter, TokenStream, WindowLoader
+from gptlab.model import GPT
+from gptlab.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    configure_optimizer,
+    evaluate,
+    learning_rate,
+    lm_loss,
+    train,
+)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    rng = np.random.default_rng(0)
+    # A learnable stream: a repeating pattern with a little noise.
+    base = np.tile(np.arange(40), 60)
+    noise = rng.integers(0, 256, size=base.size)
+    tokens = np.where(rng.random(base.size) < 0.1, noise, base)
+    with ShardWriter(tmp_path / "tokens", vocab_size=256, tokenizer="test", shard_size=700) as w:
+        w.add(tokens)
+        w.finish(val_fraction=0.2)
+    return tmp_path / "tokens"
+
+
+def loaders(root, seed=0):
+    train_data = WindowLoader(TokenStream(root, "train"), context_length=16, batch_size=4, seed=seed)
+    val_data = WindowLoader(TokenStream(root, "val"), context_length=16, batch_size=4, shuffle=False)
+    return train_data, val_data
+
+
+def make_model(dropout: float = 0.1) -> GPT:
+    torch.manual_seed(42)
+    return GPT(GPTConfig.from_name("gpt-nano", context_length=16, dropout=dropout))
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(
+        max_steps=24,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=4,
+        eval_interval=8,
+        eval_batches=3,
+        log_interval=4,
+        progress=False,
+        seed=7,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_learning_rate_schedule_hand_computed() -> None:
+    c = TrainConfig(max_steps=10, lr=1.0, min_lr=0.1, warmup_steps=2)
+    assert learning_rate(0, c) == pytest.approx(0.5)
+    assert learning_rate(1, c) == pytest.approx(1.0)
+    assert learning_rate(2, c) == pytest.approx(1.0)  # cosine starts at the peak
+    assert learning_rate(6, c) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(10, c) == pytest.approx(0.1)
+    assert learning_rate(5, TrainConfig(max_steps=10, lr=0.3, min_lr=0.0, decay="constant")) == 0.3
+
+
+def test_optimizer_groups_exclude_biases_norms_embeddings() -> None:
+    model = make_model()
+    opt = configure_optimizer(model, cfg(weight_decay=0.1), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in decay["params"]}
+    assert id(model.transformer.wte.weight) not in ids and id(model.transformer.wpe.weight) not in ids
+    assert id(model.transformer.h[0].attn.c_attn.weight) in ids
+    assert all(p.dim() == 2 for p in decay["params"])
+    n_total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_total == model.num_params()  # tied head counted once, nothing missing
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_steps", 0), ("decay", "linear"), ("precision", "fp8"), ("warmup_steps", 99), ("min_lr", 1.0)],
+)
+def test_train_config_validation_names_field(field, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        cfg(**{field: value})
+
+
+def test_training_reduces_loss_and_reports(shards) -> None:
+    train_data, val_data = loaders(shards)
+    rows = []
+    model = make_model()
+    before = evaluate(model, val_data, max_batches=3)
+    result = train(
+        model, train_data, cfg(max_steps=40), val_data=val_data, callback=lambda s, m: rows.append((s, m))
+    )
+    assert result.step == 40 and result.val_loss < before - 0.5
+    assert result.tokens_seen == 40 * 4 * 16
+    assert result.tokens_per_sec > 0
+    assert [s for s, _ in rows] == sorted(s for s, _ in rows)
+    evals = [m for _, m in rows if "val_loss" in m]
+    assert len(evals) == 5 and all(
+        m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"])) for m in evals
+    )
+    assert {"train_loss", "lr", "tokens_seen", "tokens_per_sec"} <= set(rows[0][1])
+
+
+def test_deterministic_given_seed(shards) -> None:
+    results = []
+    for _ in range(2):
+        train_data, val_data = loaders(shards)
+        model = make_model()
+        train(model, train_data, cfg(), val_data=val_data)
+        results.append(model.state_dict())
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_exact_resume_equals_uninterrupted(shards, tmp_path) -> None:
+    train_data, val_data = loaders(shards)
+    reference = make_model()
+    ref_result = train(reference, train_data, cfg(), val_data=val_data)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_10(step, metrics):
+        if step == 12:
+            raise Killed
+
+    ck = Checkpointer(tmp_path / "run")
+    train_data, val_data = loaders(shards)
+    with pytest.raises(Killed):
+        train(
+            make_model(),
+            train_data,
+            cfg(checkpoint_interval=10),
+            val_data=val_data,
+            checkpointer=ck,
+            callback=kill_at_10,
+        )
+    assert ck.load_state()["step"] == 10
+
+    # A fresh process: new model (different init is overwritten), new loaders.
+    torch.manual_seed(999)
+    resumed = GPT(GPTConfig.from_name("gpt-nano", context_length=16, dropout=0.1))
+    train_data, val_data = loaders(shards)
+    result = train(resumed, train_data, cfg(checkpoint_interval=10), val_data=val_data, checkpointer=ck)
+    assert result.step == 24 and result.tokens_seen == ref_result.tokens_seen
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert result.val_loss == ref_result.val_loss
+    assert ck.load_state()["step"] == 24
+
+
+def test_gradient_accumulation_matches_big_batch(monkeypatch) -> None:
+    """Two micro-batches of 2 with accumulation give the gradient of one batch of 4 (no dropout)."""
+
+    class Fixed:
+        def __init__(self, batches):
+            self.batches, self.pos = batches, 0
+
+        def __iter__(self):
+            while self.pos < len(self.batches):
+                self.pos += 1
+                yield self.batches[self.pos - 1]
+            self.pos = 0
+
+        def state_dict(self):
+            return {"pos": self.pos}
+
+        def load_state_dict(self, s):
+            self.pos = s["pos"]
+
+    grads: list[list[torch.Tensor]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    c = dict(max_steps=1, warmup_steps=0, eval_interval=0, grad_clip=None)
+    big, small = make_model(dropout=0.0), make_model(dropout=0.0)
+    train(big, Fixed([(x, y)]), cfg(**c))
+    train(small, Fixed([(x[:2], y[:2]), (x[2:], y[2:])]), cfg(grad_accum_steps=2, **c))
+    assert len(grads) == 2
+    for g_big, g_small in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(g_big, g_small, atol=1e-6, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path) -> None:
+    calls = {"n": 0}
+
+    def flaky_loss(model, batch):
+        calls["n"] += 1
+        loss = lm_loss(model, batch)
+        return loss * float("nan") if calls["n"] == 9 else loss
+
+    ck = Checkpointer(tmp_path / "run")
+    train_data, val_data = loaders(shards)
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 9.*step 5 in .*run"
+    ):
+        train(make_model(), train_data, cfg(checkpoint_interval=5), loss_fn=flaky_loss, checkpointer=ck)
+    state = ck.load_state()
+    assert state["step"] == 5
+    model = make_model()
+    ck.load_weights(model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_evaluate_does_not_move_the_loader(shards) -> None:
+    _, val_data = loaders(shards)
+    model = make_model()
+    a = evaluate(model, val_data, max_batches=2)
+    b = evaluate(model, val_data, max_batches=2)
+    assert a == b
