@@ -1,0 +1,102 @@
+"""The ``gptlab`` console script: generate, info, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gptlab.checkpoint import save_checkpoint
+from gptlab.cli import main
+from gptlab.config import GPTConfig
+from gptlab.generate import SamplingConfig, generate
+from gptlab.model import GPT
+from gptlab.tokenizer import decode, encode
+
+
+def _checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt-micro", n_layer=1)).eval()
+    save_checkpoint(model, tmp_path / "ck")
+    return model, tmp_path / "ck"
+
+
+def test_generate_prints_prompt_and_continuation(tmp_path, capsys) -> None:
+    model, ck = _checkpoint(tmp_path)
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(ck),
+                "--prompt",
+                "Every effort moves",
+                "--max-new-tokens",
+                "6",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    expected = decode(generate(model, [encode("Every effort moves")], max_new_tokens=6, eos_id=50256)[0])
+    assert capsys.readouterr().out == "Every effort moves" + expected + "\n"
+
+
+def test_generate_sampling_is_seeded(tmp_path, capsys) -> None:
+    model, ck = _checkpoint(tmp_path)
+    args = [
+        "generate",
+        "--checkpoint",
+        str(ck),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--only-new",
+    ]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+    gen = torch.Generator().manual_seed(3)
+    ids = generate(
+        model,
+        [encode("Hi")],
+        max_new_tokens=8,
+        sampling=SamplingConfig(1.5, 40, 0.95),
+        eos_id=50256,
+        generator=gen,
+    )[0]
+    assert first == decode(ids) + "\n"
+
+
+def test_info_reports_parameters(tmp_path, capsys) -> None:
+    model, ck = _checkpoint(tmp_path)
+    assert main(["info", "--checkpoint", str(ck)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_params"] == model.num_params() and info["model"]["n_layer"] == 1
+
+
+def test_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
+    assert (
+        main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("gptlab generate: error: ")
+        and "config.json: not found" in err
+        and err.count("\n") == 1
+    )
+    assert main(["import-gpt2", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "neither an existing directory nor a model name" in capsys.readouterr().err
