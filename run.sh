@@ -2,6 +2,7 @@
 # One entry point for set-up and the two README commands:
 #   ./run.sh pipeline [dvc repro args]   set up, then run the whole pipeline (sample profile, CPU)
 #   ./run.sh test [pytest args]          set up, then run the test suite
+#   ./run.sh profile [sample|book]       show or switch the params profile (params.yaml)
 #   ./run.sh setup                       only create/refresh the local venv (.venv) and fetch GPT-2's BPE file
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed.
 set -euo pipefail
@@ -23,6 +24,9 @@ pick_python() {
 }
 
 setup() {
+  if [ "${GPTLAB_SKIP_SETUP:-0}" = 1 ] && [ -x "$VENV/bin/python" ]; then
+    return # the caller manages the venv (the end-to-end tests run inside one)
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "run.sh: creating $VENV" >&2
     "$(pick_python)" -m venv "$VENV"
@@ -63,8 +67,12 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m pipelines.run "$@"
     ;;
+  profile)
+    setup
+    exec "$VENV/bin/python" -m pipelines.profile "$@"
+    ;;
   *)
-    echo "usage: ./run.sh {pipeline|test|setup} [args]" >&2
+    echo "usage: ./run.sh {pipeline|test|profile|setup} [args]" >&2
     exit 2
     ;;
 esac

@@ -13,7 +13,6 @@ checkpoint where a reader would find it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab.config import GPTConfig
+from gptlab.fileio import replace_dir
 from gptlab.model import GPT
 
 FORMAT = "gptlab-checkpoint/1"
@@ -34,23 +34,6 @@ TRAINING_STATE = "training_state.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names the file and the problem."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -81,22 +64,11 @@ def save_checkpoint(
         # Keep an existing training state (it belongs to the same run) unless the caller replaces it.
         if (directory / TRAINING_STATE).exists():
             shutil.copy2(directory / TRAINING_STATE, tmp / TRAINING_STATE)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -181,7 +153,7 @@ class Checkpointer:
         try:
             save_checkpoint(model, tmp / "ckpt", tokenizer=self.tokenizer, meta=self.meta)
             torch.save(training_state, tmp / "ckpt" / TRAINING_STATE)
-            _replace_dir(tmp / "ckpt", directory)
+            replace_dir(tmp / "ckpt", directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

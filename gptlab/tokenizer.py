@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
@@ -127,6 +128,11 @@ def get_encoding(name: str = "gpt2") -> tiktoken.Encoding:
 def encode(text: str, enc: tiktoken.Encoding | None = None) -> list[int]:
     """Encode text, allowing ``<|endoftext|>`` as the document separator (book ch. 2)."""
     return (enc or get_encoding()).encode(text, allowed_special={ENDOFTEXT})
+
+
+def encode_array(text: str) -> np.ndarray:
+    """:func:`encode` as a uint32 array (picklable top-level function for tokenizer worker pools)."""
+    return np.asarray(encode(text), dtype=np.uint32)
 
 
 def decode(ids: list[int], enc: tiktoken.Encoding | None = None) -> str:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from datasets_server import serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +43,19 @@ def _offline_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     path = _shared_dir() / "tokenizers" / "r50k_base.tiktoken"
     if path.is_file():
         monkeypatch.setenv("GPTLAB_TIKTOKEN_FILE", str(path))
+
+
+@pytest.fixture
+def server(shared_dir: Path):
+    """A local HTTP server (127.0.0.1, free port) serving ``../shared/datasets`` as ``/files/<name>``."""
+    with serve(shared_dir / "datasets") as state:
+        yield state
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session (starting one costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

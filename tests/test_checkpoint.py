@@ -15,7 +15,6 @@ from gptlab.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
@@ -117,9 +116,3 @@ def test_checkpointer_saves_training_state(tmp_path) -> None:
     # A plain model save into the run directory keeps its training state.
     save_checkpoint(model, tmp_path / "run")
     assert ck.load_state()["step"] == 7
-
-
-def test_write_json_atomic(tmp_path) -> None:
-    write_json(tmp_path / "m" / "x.json", {"a": 1})
-    assert json.loads((tmp_path / "m" / "x.json").read_text()) == {"a": 1}
-    assert [p.name for p in (tmp_path / "m").iterdir()] == ["x.json"]

@@ -13,15 +13,11 @@ import os
 import re
 import socket
 import stat
-import threading
-import time
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from datasets_server import ServerState
 
 from gptlab import download
 from gptlab.download import DownloadError, extract_member, fetch, partial_path, safe_extract_zip, sha256_file
@@ -30,108 +26,6 @@ VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 INSTRUCTIONS_SHA = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 SMS_MEMBER_SHA = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 BAD_SHA = "0" * 64
-
-
-@dataclass
-class Seen:
-    path: str
-    headers: dict[str, str]
-
-
-@dataclass
-class ServerState:
-    root: Path
-    port: int = 0
-    seen: list[Seen] = field(default_factory=list)
-    # One action per incoming /files request, consumed in order; "serve" once exhausted.
-    # "500": fail; "cut": send cut_after body bytes then drop the connection; "stall": sleep before answering.
-    script: list[str] = field(default_factory=list)
-    cut_after: int = 10_000
-    etag: str | None = None
-    linked_etag: str | None = None
-    ignore_range: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-
-def _make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-            pass
-
-        def do_GET(self) -> None:
-            with state.lock:
-                state.seen.append(Seen(self.path, dict(self.headers.items())))
-            if self.path.startswith("/redirect/"):
-                # Like the HF hub: the sha256 is on the redirect; the bytes come from another host.
-                self.send_response(302)
-                self.send_header(
-                    "Location", state.url("/files/" + self.path.split("/", 2)[2], host="localhost")
-                )
-                if state.linked_etag:
-                    self.send_header("X-Linked-Etag", state.linked_etag)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            name = self.path.removeprefix("/files/")
-            file = state.root / name
-            if not self.path.startswith("/files/") or "/" in name or not file.is_file():
-                self.send_error(404, "Not Found")
-                return
-            with state.lock:
-                action = state.script.pop(0) if state.script else "serve"
-            if action == "500":
-                self.send_error(500, "Internal Server Error")
-                return
-            if action == "stall":
-                time.sleep(0.5)
-            data = file.read_bytes()
-            status, body = 200, data
-            range_header = self.headers.get("Range")
-            if range_header and not state.ignore_range:
-                start = int(re.fullmatch(r"bytes=(\d+)-", range_header).group(1))
-                if start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                status, body = 206, data[start:]
-            self.send_response(status)
-            if status == 206:
-                self.send_header(
-                    "Content-Range", f"bytes {len(data) - len(body)}-{len(data) - 1}/{len(data)}"
-                )
-            self.send_header("Content-Length", str(len(body)))
-            if state.etag:
-                self.send_header("ETag", state.etag)
-            self.end_headers()
-            if action == "cut":
-                self.wfile.write(body[: state.cut_after])
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            self.wfile.write(body)
-
-    return Handler
-
-
-@pytest.fixture
-def server(shared_dir: Path) -> Iterator[ServerState]:
-    state = ServerState(root=shared_dir / "datasets")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,111 @@
+"""Prefect flow: one task per DVC stage, in DVC's topological order.
+
+The graph is read from ``dvc.yaml`` through DVC's own API (never restated here); each task runs
+``dvc repro --single-item <stage>``, so a stage whose deps and params did not change is skipped by DVC's cache.
+Each task publishes the stage's metrics as a Prefect table artifact. The download stage retries (network).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+TASK_RETRIES = {"download": 2}
+"""Stages worth retrying: only the one that talks to the network."""
+
+
+def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
+    """DVC's stages in a deterministic topological order (dependencies first), up to ``target`` if given."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        stages = {s.addressing: s for s in graph.nodes}
+        if target is not None:
+            if target not in stages:
+                raise ValueError(f"unknown stage {target!r}; dvc.yaml has: {', '.join(stages)}")
+            keep = {s.addressing for s in nx.descendants(graph, stages[target])} | {target}
+        else:
+            keep = set(stages)
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
+        return [
+            {"name": s.addressing, "metrics": [o.def_path for o in s.outs if o.metric]}
+            for s in order
+            if s.addressing in keep
+        ]
+
+
+def stage_env(pipeline_run_id: str) -> dict[str, str]:
+    """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["GPTLAB_PIPELINE_RUN_ID"] = pipeline_run_id
+    if flow_run.id:
+        env["GPTLAB_PREFECT_FLOW_RUN_ID"] = str(flow_run.id)
+    return env
+
+
+@task(task_run_name="{stage}")
+def run_stage(
+    stage: str, root: str, metrics: list[str], pipeline_run_id: str, force: bool = False
+) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``; returns whether it ran and its metrics."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    logger.info("running %s", " ".join(cmd[2:]))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=stage_env(pipeline_run_id),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        # The stage's own one-line error says more than DVC's "failed to reproduce" wrapper.
+        own = [ln for ln in lines if ln.startswith(f"{stage}: error:")]
+        tail = own[-1] if own else next((ln for ln in reversed(lines) if ln.strip()), "no output")
+        raise RuntimeError(f"stage {stage} failed (dvc exit {proc.returncode}): {tail.strip()}")
+    ran = any(f"Running stage '{stage}'" in ln for ln in lines)
+    values: dict[str, Any] = {}
+    for path in metrics:
+        file = Path(root) / path
+        if file.is_file():
+            values.update(json.loads(file.read_text()))
+    rows = [{"metric": k, "value": v} for k, v in values.items() if isinstance(v, int | float | str)]
+    if rows:
+        create_table_artifact(
+            key=f"{stage.replace('_', '-').lower()}-metrics",
+            table=rows,
+            description=f"{stage}: {'ran' if ran else 'unchanged (DVC cache)'}",
+        )
+    logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
+    return {"stage": stage, "ran": ran, "metrics": values}
+
+
+@flow(name="gptlab-pipeline", log_prints=False)
+def pipeline(root: str = ".", target: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Run the DVC pipeline stage by stage (all stages, or up to ``target``)."""
+    root_path = Path(root).resolve()
+    pipeline_run_id = (
+        os.environ.get("GPTLAB_PIPELINE_RUN_ID") or f"prefect-{flow_run.id or uuid.uuid4().hex[:12]}"
+    )
+    results = []
+    for stage in dvc_stages(root_path, target):
+        runner = run_stage.with_options(retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5)
+        results.append(runner(stage["name"], str(root_path), stage["metrics"], pipeline_run_id, force))
+    return results

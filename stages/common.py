@@ -1,0 +1,75 @@
+"""Small helpers every stage's ``main()`` uses: one-line errors, device choice, loss-curve plots."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.fileio import atomic_write
+
+
+def stage_main(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Run a stage's main so that expected failures print one line (``<stage>: error: …``) and exit 2."""
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        @functools.wraps(fn)
+        def run() -> None:
+            try:
+                fn()
+            except (ValueError, RuntimeError, OSError) as exc:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+                sys.exit(2)
+
+        return run
+
+    return wrap
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    return device
+
+
+def write_history_csv(history: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
+    """Loss-curve rows for ``dvc plots`` (one row per logged step; blanks where a metric was not computed)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *columns], extrasaction="ignore")
+            writer.writeheader()
+            for row in history:
+                writer.writerow({k: row.get(k, "") for k in ["step", *columns]})
+
+    atomic_write(path, write)
+
+
+def plot_curves(
+    history: list[dict[str, Any]], path: Path, columns: list[str], *, title: str, ylabel: str
+) -> None:
+    """A PNG of the given history columns against step (book ch. 5 ``plot_losses``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in columns:
+        points = [(r["step"], r[col]) for r in history if col in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=col)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

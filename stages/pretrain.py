@@ -1,0 +1,151 @@
+"""Stage ``pretrain``: train a GPT from scratch on the token shards (book ch. 5, ``train_model_simple``).
+
+Outputs the checkpoint directory, ``metrics/pretrain.json``, the loss curve (CSV for ``dvc plots`` and a PNG)
+and sample generations from fixed prompts. An interrupted run resumes from its work directory, which is keyed
+by a hash of the params and the token manifest so a changed run never resumes a stale one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.checkpoint import Checkpointer, save_checkpoint
+from gptlab.config import GPTConfig
+from gptlab.data import TokenStream, WindowLoader
+from gptlab.fileio import write_json
+from gptlab.generate import SamplingConfig, generate
+from gptlab.model import GPT
+from gptlab.tokenizer import EOT_ID, decode, encode
+from gptlab.train import TrainConfig, train
+from stages import tracking
+from stages.common import plot_curves, resolve_device, stage_main, write_history_csv
+from stages.params import load_section
+
+
+@dataclass
+class PretrainParams:
+    model: str = "gpt-mini"
+    """Architecture preset (gptlab.config.PRESETS)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """GPTConfig fields to change on the preset (e.g. context_length, dropout, qkv_bias)."""
+    context_length: int = 128
+    """Training window length (<= the model's context_length)."""
+    stride: int | None = None
+    """Window stride; None = context_length (non-overlapping windows, as the book)."""
+    batch_size: int = 8
+    epochs: int | None = None
+    """If set, train for this many passes over the training windows (overrides train.max_steps)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"
+    sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
+    sample_max_new_tokens: int = 40
+    sample_temperature: float = 0.0
+    sample_top_k: int | None = None
+
+
+def build_model(params: PretrainParams) -> GPT:
+    overrides = dict(params.model_overrides)
+    config = GPTConfig.from_name(params.model, **overrides)
+    if params.context_length > config.context_length:
+        raise ValueError(
+            f"pretrain.context_length ({params.context_length}) exceeds the model's context_length ({config.context_length})"
+        )
+    torch.manual_seed(params.train.seed)
+    return GPT(config)
+
+
+def run_fingerprint(params: PretrainParams, manifest: dict) -> str:
+    blob = json.dumps([dataclasses.asdict(params), manifest.get("shards")], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, callback=None):
+    """Train (resuming from ``work`` when it holds this exact run); returns (model, TrainResult)."""
+    train_stream, val_stream = TokenStream(tokens, "train"), TokenStream(tokens, "val")
+    kw = dict(context_length=params.context_length, batch_size=params.batch_size, stride=params.stride)
+    train_data = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
+    val_data = WindowLoader(val_stream, shuffle=False, drop_last=False, **kw)
+    cfg = params.train
+    if params.epochs is not None:
+        cfg = dataclasses.replace(cfg, max_steps=params.epochs * len(train_data))
+    model = build_model(params)
+    checkpointer = Checkpointer(work, meta={"stage": "pretrain"})
+    result = train(
+        model, train_data, cfg, val_data=val_data, device=device, checkpointer=checkpointer, callback=callback
+    )
+    return model, result
+
+
+def sample(model: GPT, params: PretrainParams, device: str) -> list[dict[str, str]]:
+    sampling = SamplingConfig(temperature=params.sample_temperature, top_k=params.sample_top_k)
+    gen = torch.Generator(device=device).manual_seed(params.train.seed)
+    prompts = [encode(p) for p in params.sample_prompts]
+    outs = generate(
+        model,
+        prompts,
+        max_new_tokens=params.sample_max_new_tokens,
+        sampling=sampling,
+        eos_id=EOT_ID,
+        generator=gen,
+    )
+    return [{"prompt": p, "completion": decode(o)} for p, o in zip(params.sample_prompts, outs, strict=True)]
+
+
+@stage_main("pretrain")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=Path, required=True, help="shard directory from the tokenize stage")
+    parser.add_argument("--model", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--loss-csv", type=Path, required=True)
+    parser.add_argument("--loss-png", type=Path, required=True)
+    parser.add_argument("--samples", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True, help="resumable in-progress checkpoints")
+    args = parser.parse_args()
+    params = load_section("pretrain", PretrainParams)
+    device = resolve_device(params.device)
+    manifest = json.loads((args.tokens / "manifest.json").read_text())
+    work = args.work / run_fingerprint(params, manifest)
+    if work.exists():
+        print(f"pretrain: resuming from {work}")
+
+    with tracking.stage_run("pretrain", params):
+        model, result = pretrain(params, args.tokens, work, device, callback=tracking.metrics_logger())
+        save_checkpoint(model, args.model, meta={"stage": "pretrain", "step": result.step})
+        samples = sample(model, params, device)
+        write_json(args.samples, samples)
+        columns = ["train_loss", "val_loss"]
+        write_history_csv(result.history, args.loss_csv, columns)
+        plot_curves(result.history, args.loss_png, columns, title="pretraining loss", ylabel="cross-entropy")
+        metrics = {
+            "train_loss": result.train_loss,
+            "val_loss": result.val_loss,
+            "val_perplexity": math.exp(min(result.val_loss, 50.0)),
+            "steps": result.step,
+            "tokens_seen": result.tokens_seen,
+            "tokens_per_sec": result.tokens_per_sec,
+            "num_params": model.num_params(),
+        }
+        write_json(args.metrics, metrics)
+        tracking.log_metrics(metrics, prefix="final_")
+        for path in (args.metrics, args.loss_csv, args.loss_png, args.samples):
+            tracking.mlflow.log_artifact(str(path))
+        tracking.mlflow.log_artifacts(str(args.model), artifact_path="model")
+    shutil.rmtree(args.work, ignore_errors=True)  # finished: nothing left to resume
+    print(f"pretrain: val loss {result.val_loss:.3f} after {result.step} steps -> {args.model}")
+    for s in samples:
+        print(f"  {s['prompt']!r} -> {s['completion']!r}")
+
+
+if __name__ == "__main__":
+    main()

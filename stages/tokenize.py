@@ -1,0 +1,137 @@
+"""Stage ``tokenize``: GPT-2-tokenize the pretraining corpus into Arrow shards with a train/val split.
+
+Book ch. 2 (BPE with tiktoken, ``<|endoftext|>``) and ch. 5 (90/10 train/val split). The corpus is read in
+chunks cut at paragraph boundaries and encoded by a process pool in order, so memory stays flat in corpus size
+and large corpora use every core; shards and the manifest come from :class:`gptlab.data.ShardWriter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gptlab.data import ShardWriter
+from gptlab.fileio import atomic_dir, write_json
+from gptlab.tokenizer import VOCAB_SIZE, encode_array
+from stages import tracking
+from stages.common import stage_main
+from stages.params import load_section
+
+
+@dataclass
+class TokenizeParams:
+    val_fraction: float = 0.1
+    """Tail fraction of the token stream held out for validation (the book uses 0.1)."""
+    shard_size: int = 1 << 24
+    """Tokens per Arrow shard."""
+    workers: int = 0
+    """Tokenizer processes; 0 = one per CPU core, 1 = in-process."""
+    chunk_chars: int = 1 << 20
+    """Characters per work unit; chunks are cut before a line break so the ids equal whole-text encoding."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_chars < 1024:
+            raise ValueError(f"chunk_chars must be >= 1024, got {self.chunk_chars}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+def _safe_cut(text: str) -> int:
+    """Index of the last newline that follows a non-space character, or -1.
+
+    GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it, so cutting there
+    (and only there: a cut *after* "\n\n" would turn the pre-token "\n" + "\n" into one "\n\n") gives
+    exactly the ids of encoding the whole text at once.
+    """
+    i = text.rfind("\n")
+    while i > 0:
+        if not text[i - 1].isspace():
+            return i
+        i = text.rfind("\n", 0, i)
+    return -1
+
+
+def read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
+    """Yield consecutive pieces of a text file, each cut where tokenization cannot change."""
+    carry = ""
+    with open(path, encoding="utf-8", newline="") as f:
+        while block := f.read(chunk_chars):
+            text = carry + block
+            cut = _safe_cut(text)
+            if cut <= 0:
+                carry = text
+                continue
+            yield text[:cut]
+            carry = text[cut:]
+    if carry:
+        yield carry
+
+
+def tokenize_corpus(corpus: Path, out_dir: Path, params: TokenizeParams, *, progress: bool = True) -> dict:
+    """Tokenize ``corpus`` into shards under ``out_dir`` (replaced atomically); returns the manifest."""
+    total_chars = corpus.stat().st_size
+    # Process start-up costs about a second: a corpus of one chunk is faster in-process.
+    workers = min(params.workers or os.cpu_count() or 1, max(1, total_chars // params.chunk_chars))
+    chunks = read_chunks(corpus, params.chunk_chars)
+    with (
+        atomic_dir(out_dir) as staging,
+        ShardWriter(staging, vocab_size=VOCAB_SIZE, tokenizer="gpt2", shard_size=params.shard_size) as writer,
+        tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar,
+    ):
+        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        try:
+            # imap keeps chunk order and holds only a few chunks in flight.
+            encoded = pool.imap(encode_array, chunks, chunksize=1) if pool else map(encode_array, chunks)
+            for ids in encoded:
+                writer.add(ids)
+                bar.update(len(ids))
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        return writer.finish(
+            val_fraction=params.val_fraction, extra={"source": corpus.name, "source_bytes": total_chars}
+        )
+
+
+@stage_main("tokenize")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="shard directory")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_section("tokenize", TokenizeParams)
+    with tracking.stage_run("tokenize", params):
+        start = time.perf_counter()
+        manifest = tokenize_corpus(args.corpus, args.out, params)
+        elapsed = time.perf_counter() - start
+        (train_start, train_stop), (val_start, val_stop) = (
+            manifest["splits"]["train"],
+            manifest["splits"]["val"],
+        )
+        metrics = {
+            "num_tokens": manifest["num_tokens"],
+            "train_tokens": train_stop - train_start,
+            "val_tokens": val_stop - val_start,
+            "num_shards": len(manifest["shards"]),
+            "chars_per_token": manifest["extra"]["source_bytes"] / max(1, manifest["num_tokens"]),
+            "tokens_per_sec": manifest["num_tokens"] / max(elapsed, 1e-9),
+        }
+        write_json(args.metrics, metrics)
+        tracking.log_metrics(metrics)
+        tracking.mlflow.log_artifact(str(args.out / "manifest.json"))
+    print(
+        f"tokenize: {metrics['num_tokens']} tokens ({metrics['train_tokens']} train / {metrics['val_tokens']} val) -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

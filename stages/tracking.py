@@ -1,0 +1,143 @@
+"""MLflow logging shared by every stage.
+
+Default store: SQLite ``mlflow.db`` at the repository root with artifacts in ``mlartifacts/`` (``mlflow ui
+--backend-store-uri sqlite:///mlflow.db`` shows them). ``MLFLOW_TRACKING_URI`` switches to a tracking server; an
+unreachable server fails fast with one line instead of MLflow's minutes of retries.
+
+Each stage run is tagged with the git commit, the DVC stage name, the profile and ``gptlab.pipeline_run_id``
+(``GPTLAB_PIPELINE_RUN_ID``, set once per pipeline execution by the Prefect flow / ``./run.sh pipeline``) so
+all stages of one pipeline run can be grouped in the UI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Fail fast against a dead server: MLflow's defaults retry for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads at import)
+
+from stages.params import read_params  # noqa: E402
+
+EXPERIMENT = os.environ.get("GPTLAB_EXPERIMENT", "gptlab")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The configured MLflow tracking server cannot be reached."""
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    root = (root or Path.cwd()).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) "
+            "or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the tracking store and the ``gptlab`` experiment; returns the experiment id."""
+    root = (root or Path.cwd()).resolve()
+    uri = tracking_uri(root)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/dataclasses to ``a.b.c`` keys (MLflow params are flat)."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def pipeline_run_id() -> str:
+    """The id grouping this pipeline execution's stage runs; a stage run alone gets its own."""
+    run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID")
+    if not run_id:
+        run_id = f"adhoc-{uuid.uuid4().hex[:12]}"
+        os.environ["GPTLAB_PIPELINE_RUN_ID"] = run_id
+    return run_id
+
+
+@contextmanager
+def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one DVC stage, with its params section logged and the grouping tags set."""
+    experiment_id = configure()
+    tags = {
+        "gptlab.stage": stage,
+        "dvc.stage": stage,
+        "gptlab.pipeline_run_id": pipeline_run_id(),
+        "mlflow.source.git.commit": git_commit(),
+        "gptlab.profile": str(read_params().get("profile", "custom")),
+    }
+    if os.environ.get("GPTLAB_PREFECT_FLOW_RUN_ID"):
+        tags["prefect.flow_run_id"] = os.environ["GPTLAB_PREFECT_FLOW_RUN_ID"]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        flat = flatten(params)
+        # MLflow caps a param value at 6000 chars; long lists (prompts) are artifacts anyway.
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        yield run
+
+
+def metrics_logger(prefix: str = "") -> Callable[[int, dict[str, float]], None]:
+    """A :func:`gptlab.train.train` callback that forwards step metrics to the active MLflow run."""
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+
+    return log
+
+
+def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
+    """Log the numeric entries of a stage's final metrics dict."""
+    numeric = {
+        f"{prefix}{k}": float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    mlflow.log_metrics(numeric)

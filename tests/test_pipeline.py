@@ -1,0 +1,165 @@
+"""End to end: the README's main command in a fresh temporary clone on the sample profile.
+
+All four stages run, outputs and metrics exist, MLflow holds a run per stage with metrics and the model, the
+second run is a no-op, a param change reruns only downstream stages, and a DVC remote round-trips the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from clones import clean_env, git, make_clone, run, set_params
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+STAGES = ["download", "tokenize", "pretrain", "base_model"]
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    return make_clone(tmp_path_factory.mktemp("e2e") / "gptlab")
+
+
+@pytest.fixture(scope="module")
+def first_run(clone: Path):
+    return run(["./run.sh", "pipeline"], clone, clean_env(clone))
+
+
+def _runs(clone: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gptlab")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_main_command_runs_every_stage(clone: Path, first_run) -> None:
+    out = first_run.stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+        assert f"{stage:<12} ran" in out
+    for path in [
+        "data/raw/corpus.txt",
+        "data/raw/sms_spam.tsv",
+        "data/raw/instruction-data.json",
+        "data/raw/instruction-data-with-preference.json",
+        "data/tokens/manifest.json",
+        "models/pretrain/model.safetensors",
+        "models/base/model.safetensors",
+        "models/base/config.json",
+        "plots/pretrain/loss.csv",
+        "plots/pretrain/loss.png",
+        "outputs/pretrain/samples.json",
+        "dvc.lock",
+    ]:
+        assert (clone / path).is_file(), path
+    pretrain = json.loads((clone / "metrics/pretrain.json").read_text())
+    tokenize = json.loads((clone / "metrics/tokenize.json").read_text())
+    base = json.loads((clone / "metrics/base_model.json").read_text())
+    # Learned something: well below the uniform-guess loss ln(50257) = 10.8.
+    assert pretrain["val_loss"] < 7.0 and pretrain["train_loss"] < 6.0
+    assert pretrain["tokens_seen"] == pretrain["steps"] * 8 * 128
+    assert tokenize["num_tokens"] == tokenize["train_tokens"] + tokenize["val_tokens"] > 9000
+    assert base["source"].startswith("pretrain") and base["num_params"] == pretrain["num_params"]
+    assert base["val_loss"] == pytest.approx(pretrain["val_loss"], abs=0.2)
+    samples = json.loads((clone / "outputs/pretrain/samples.json").read_text())
+    assert all(s["completion"] for s in samples)
+
+
+def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
+    client, runs = _runs(clone)
+    by_stage = {r.data.tags["gptlab.stage"]: r for r in runs}
+    assert sorted(by_stage) == sorted(STAGES)
+    assert len({r.data.tags["gptlab.pipeline_run_id"] for r in runs}) == 1
+    commit = git("rev-parse", "HEAD", cwd=clone).strip()
+    for stage, r in by_stage.items():
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.source.git.commit"] == commit
+        assert r.data.tags["dvc.stage"] == stage and r.data.tags["gptlab.profile"] == "sample"
+        assert r.data.tags["prefect.flow_run_id"]
+        assert r.data.params, stage
+    pretrain = by_stage["pretrain"]
+    assert pretrain.data.params["train.lr"] == "0.001"
+    history = client.get_metric_history(pretrain.info.run_id, "train_loss")
+    assert len(history) == 12 and history[-1].value < history[0].value
+    for stage in ("pretrain", "base_model"):
+        files = {f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "model")}
+        assert {"model/model.safetensors", "model/config.json"} <= files
+    assert "loss.png" in {f.path for f in client.list_artifacts(pretrain.info.run_id)}
+
+
+def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
+    _, before = _runs(clone)
+    out = run(["./run.sh", "pipeline"], clone, clean_env(clone)).stdout
+    assert "Running stage" not in out
+    for stage in STAGES:
+        assert f"{stage:<12} up to date" in out
+    _, after = _runs(clone)
+    assert len(after) == len(before)
+
+
+def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:
+    set_params(clone, {"base_model": {"eval_batch_size": 2}})
+    out = run(["dvc", "repro"], clone, clean_env(clone)).stdout
+    assert "Running stage 'base_model'" in out
+    for stage in ("download", "tokenize", "pretrain"):
+        assert f"Running stage '{stage}'" not in out
+    metrics = run(["dvc", "metrics", "show", "--json"], clone, clean_env(clone)).stdout
+    assert "val_perplexity" in metrics and "tokens_per_sec" in metrics
+    run(["dvc", "plots", "show", "-o", str(clone / "dvc_plots")], clone, clean_env(clone))
+    assert (clone / "dvc_plots" / "index.html").is_file()
+    set_params(clone, {"base_model": {"eval_batch_size": 4}})
+    # Back to the old params: DVC's run cache restores base_model's old outputs instead of recomputing.
+    out = run(["dvc", "repro"], clone, clean_env(clone)).stdout
+    assert "Stage 'base_model' is cached - skipping run, checking out outputs" in out
+
+
+def test_dvc_remote_push_pull_round_trip(clone: Path, first_run, tmp_path) -> None:
+    env = clean_env(clone)
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], clone, env)
+    git("add", "-A", cwd=clone)
+    git("commit", "-q", "-m", "pipeline outputs", cwd=clone)
+    run(["dvc", "push"], clone, env)
+    fresh = tmp_path / "fresh"
+    git("clone", "-q", str(clone), str(fresh), cwd=tmp_path)
+    assert not (fresh / "models").exists()
+    run(["dvc", "pull"], fresh, clean_env(fresh))
+    for rel in ("models/base/model.safetensors", "data/tokens/manifest.json", "data/raw/corpus.txt"):
+        assert (fresh / rel).read_bytes() == (clone / rel).read_bytes(), rel
+    status = run(["dvc", "status"], fresh, clean_env(fresh)).stdout
+    assert "up to date" in status
+
+
+def test_unreachable_tracking_server_is_a_clear_error(clone: Path, first_run) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = clean_env(clone, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    proc = __import__("subprocess").run(
+        [
+            "python",
+            "-m",
+            "stages.base_model",
+            "--pretrained",
+            "models/pretrain",
+            "--tokens",
+            "data/tokens",
+            "--out",
+            "/nonexistent/x",
+            "--metrics",
+            "/nonexistent/m.json",
+        ],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"base_model: error: MLflow tracking server http://127.0.0.1:{port} is unreachable")
+    )
