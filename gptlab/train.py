@@ -11,6 +11,7 @@ This module does no file I/O: checkpoints go through an injected object with ``s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -51,8 +52,10 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Optimisation settings of one run (stages fill these from their params section)."""
 
-    max_steps: int = 1000
-    """Optimizer steps (each is ``grad_accum_steps`` micro-batches)."""
+    max_steps: int | None = 1000
+    """Optimizer steps (each is ``grad_accum_steps`` micro-batches). Set this or ``epochs``."""
+    epochs: int | None = None
+    """Passes over the training data (needs a sized batch source); replaces ``max_steps`` when set."""
     lr: float = 4e-4
     """Peak learning rate."""
     min_lr: float = 4e-5
@@ -81,15 +84,21 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0:
-            raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"set exactly one of max_steps and epochs (got {self.max_steps} and {self.epochs})"
+            )
+        for name in ("max_steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if self.grad_accum_steps <= 0:
             raise ValueError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         if self.decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
+        if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
             raise ValueError(f"warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
@@ -244,6 +253,8 @@ def train(
     ``eval_fn(model)`` adds task metrics (e.g. accuracy) at each evaluation.
     """
     device = torch.device(device)
+    if cfg.epochs is not None:
+        cfg = dataclasses.replace(cfg, max_steps=cfg.epochs * len(train_data), epochs=None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model.to(device)

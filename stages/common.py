@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,3 +74,39 @@ def plot_curves(
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, *, title: str) -> None:
+    """A PNG heat map of a confusion matrix (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def load_records(path: Path, *, required: tuple[str, ...], skip_invalid: bool) -> tuple[list[dict], int]:
+    """Read the book's JSON records and validate them (every field but ``input`` must be non-empty)."""
+    from gptlab.instruct import validate_records
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    non_empty = tuple(f for f in required if f != "input")
+    return validate_records(
+        data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
+    )

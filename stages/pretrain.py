@@ -43,8 +43,6 @@ class PretrainParams:
     stride: int | None = None
     """Window stride; None = context_length (non-overlapping windows, as the book)."""
     batch_size: int = 8
-    epochs: int | None = None
-    """If set, train for this many passes over the training windows (overrides train.max_steps)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
@@ -75,13 +73,16 @@ def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, call
     kw = dict(context_length=params.context_length, batch_size=params.batch_size, stride=params.stride)
     train_data = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
     val_data = WindowLoader(val_stream, shuffle=False, drop_last=False, **kw)
-    cfg = params.train
-    if params.epochs is not None:
-        cfg = dataclasses.replace(cfg, max_steps=params.epochs * len(train_data))
     model = build_model(params)
     checkpointer = Checkpointer(work, meta={"stage": "pretrain"})
     result = train(
-        model, train_data, cfg, val_data=val_data, device=device, checkpointer=checkpointer, callback=callback
+        model,
+        train_data,
+        params.train,
+        val_data=val_data,
+        device=device,
+        checkpointer=checkpointer,
+        callback=callback,
     )
     return model, result
 

@@ -141,3 +141,36 @@ def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
     mlflow.log_metrics(numeric)
+
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def log_model(checkpoint: Path, *, registered_name: str | None = None, metrics: dict[str, Any] | None = None):
+    """Log ``checkpoint`` as an MLflow pyfunc model with ``metrics`` attached; register it under ``registered_name``.
+
+    Returns the registered ModelVersion (or the logged model info when not registering).
+    """
+    import gptlab
+
+    numeric = {
+        k: float(v)
+        for k, v in flatten(metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(gptlab.__file__).parent)],
+        pip_requirements=["torch>=2.13", "tiktoken>=0.9", "safetensors>=0.4", "numpy", "pyarrow", "tqdm"],
+    )
+    if numeric:
+        mlflow.log_metrics(numeric, model_id=info.model_id)
+    if registered_name is None:
+        return info
+    version = mlflow.register_model(
+        info.model_uri, registered_name, tags={k: str(v) for k, v in numeric.items()}
+    )
+    print(f"registered {registered_name} version {version.version}")
+    return version

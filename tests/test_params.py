@@ -79,5 +79,6 @@ def test_required_field_without_default_is_reported() -> None:
     with pytest.raises(ParamsError, match=r"s\.a: missing"):
         from_dict(P, {}, "s")
     assert from_dict(P, {"a": 1, "b": [1, 2]}, "s") == P(1, [1.0, 2.0])
+    assert from_dict(P, {"a": 1, "b": ["5e-5"]}, "s") == P(1, [5e-5])  # PyYAML reads 5e-5 as a string
     with pytest.raises(ParamsError, match=r"s\.b\[1\]: expected a number"):
         from_dict(P, {"a": 1, "b": [1, "x"]}, "s")

@@ -1,0 +1,146 @@
+"""Text classification with a GPT (book ch. 6: finetuning for spam classification).
+
+The recipe of the chapter: balance the classes by undersampling the majority class (``create_balanced_dataset``),
+split 70/10/20 after a seeded shuffle (``random_split``), pad every message with ``<|endoftext|>`` to the longest
+training message (``SpamDataset``), replace the LM head by a ``num_classes`` head and classify from the last
+position's logits (``calc_loss_batch`` / ``calc_accuracy_loader``). Which parameters train is a choice: the
+head only, the last block + final norm + head (the book's default), everything, or LoRA adapters (appendix E).
+No file I/O here: the stage reads the TSV and hands the text in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.model import GPT
+
+TRAINABLE = ("head", "last_block", "all", "lora")
+
+
+def parse_labeled_tsv(text: str, *, labels: Sequence[str], source: str = "data") -> list[tuple[int, str]]:
+    """``label<TAB>message`` lines (the UCI SMS Spam Collection layout) to (class index, message)."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        label, sep, message = line.partition("\t")
+        if not sep or not message.strip():
+            raise ValueError(f"{source}: line {n}: expected 'label<TAB>text'")
+        if label not in index:
+            raise ValueError(
+                f"{source}: line {n}: unknown label {label!r}; expected one of {', '.join(labels)}"
+            )
+        out.append((index[label], message))
+    if not out:
+        raise ValueError(f"{source}: no labelled lines")
+    return out
+
+
+def balance(examples: Sequence[tuple[int, str]], *, seed: int) -> list[tuple[int, str]]:
+    """Undersample every class to the size of the smallest one (seeded), keeping the original order."""
+    by_class: dict[int, list[int]] = {}
+    for i, (label, _) in enumerate(examples):
+        by_class.setdefault(label, []).append(i)
+    smallest = min(len(ix) for ix in by_class.values())
+    rng = random.Random(seed)
+    keep = sorted(i for ix in by_class.values() for i in rng.sample(ix, smallest))
+    return [examples[i] for i in keep]
+
+
+def split(
+    examples: Sequence, *, seed: int, train_frac: float = 0.7, val_frac: float = 0.1
+) -> tuple[list, list, list]:
+    """Seeded shuffle, then train/validation/test = first 70% / next 10% / rest (the book's ``random_split``)."""
+    if not (0 < train_frac < 1 and 0 <= val_frac < 1 and train_frac + val_frac < 1):
+        raise ValueError(f"train_frac ({train_frac}) and val_frac ({val_frac}) must leave a test split")
+    items = list(examples)
+    random.Random(seed).shuffle(items)
+    train_end = int(len(items) * train_frac)
+    val_end = train_end + int(len(items) * val_frac)
+    return items[:train_end], items[train_end:val_end], items[val_end:]
+
+
+def encode_padded(
+    texts: Iterable[str], encode: Callable[[str], list[int]], *, max_length: int, pad_id: int
+) -> torch.Tensor:
+    """Token ids truncated/padded on the right with ``pad_id`` to ``max_length``: (N, max_length) int64."""
+    rows = [encode(t)[:max_length] for t in texts]
+    return torch.tensor([r + [pad_id] * (max_length - len(r)) for r in rows], dtype=torch.long)
+
+
+def to_classifier(model: GPT, num_classes: int) -> GPT:
+    """A copy of ``model`` whose head predicts ``num_classes`` classes (new head randomly initialised)."""
+    clf = GPT(model.config.replace(num_classes=num_classes))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    missing, unexpected = clf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("lm_head.") for k in missing), (missing, unexpected)
+    return clf.to(next(model.parameters()).device)
+
+
+def set_trainable(model: GPT, mode: str) -> None:
+    """Freeze all but the chosen part: ``head``, ``last_block`` (+ final LayerNorm + head), or ``all``.
+
+    (``lora`` is set up with :mod:`gptlab.lora` and ``mark_trainable(..., also=("lm_head",))``.)
+    """
+    if mode not in ("head", "last_block", "all"):
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
+    for p in model.parameters():
+        p.requires_grad = mode == "all"
+    parts: list[nn.Module] = [model.lm_head]
+    if mode == "last_block":
+        parts += [model.transformer.h[-1], model.transformer.ln_f]
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad = True
+
+
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the last position's class logits (book ch. 6 ``calc_loss_batch``)."""
+    x, y = batch
+    return F.cross_entropy(model(x)[:, -1, :].float(), y)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities (N, num_classes) for padded ids (N, T)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probs = [
+        torch.softmax(model(inputs[i : i + batch_size].to(device))[:, -1, :].float(), dim=-1).cpu()
+        for i in range(0, len(inputs), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(probs) if probs else torch.empty(0, model.config.num_classes)
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (num_classes, num_classes): row = true class, column = predicted class."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def classification_report(cm: torch.Tensor, labels: Sequence[str]) -> dict:
+    """Accuracy plus per-class precision/recall/F1/support from a confusion matrix."""
+    cm = cm.double()
+    total = cm.sum().item()
+    report: dict = {"accuracy": (cm.diag().sum().item() / total) if total else 0.0, "per_class": {}}
+    for i, name in enumerate(labels):
+        tp = cm[i, i].item()
+        predicted, actual = cm[:, i].sum().item(), cm[i, :].sum().item()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        report["per_class"][name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": int(actual),
+        }
+    return report

@@ -1,0 +1,191 @@
+"""Direct Preference Optimization: preference data, sequence log-likelihoods and the DPO loss.
+
+DPO (Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward Model", 2023)
+fine-tunes a policy on (prompt, chosen, rejected) triples against a frozen reference model, with no reward
+model and no sampling:
+
+    loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))))
+
+Follows the book's ch. 7 bonus notebook "DPO from scratch" (``format_input`` prompts,
+``instruction-data-with-preference.json`` records, ``custom_collate_fn`` with response masks,
+``compute_dpo_loss``), with one deliberate difference: sequence log-likelihoods are SUMMED over response
+tokens, as in the paper, where the notebook averages them per token.
+
+The module does no file I/O; :func:`make_dpo_loss_fn` plugs DPO into :func:`gptlab.train.train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.instruct import format_input, format_response
+
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[str, list[int]]:
+    """Token ids of one preference record (keys ``instruction``, ``input``, ``chosen``, ``rejected``).
+
+    Returns ``{"prompt", "chosen", "rejected"}``: the Alpaca prompt, and the prompt followed by
+    ``format_response(...)`` of each answer. The full texts are tokenized as one string (as the book does) so
+    the ids are exactly what the model sees at generation time; the prompt ids must then be a prefix of both
+    sequences, which holds for GPT-2 BPE because the response part starts with ``"\\n\\n"`` after a non-space
+    character. Raises ``ValueError`` when a tokenizer merges across that boundary or a key is missing.
+    Other keys (e.g. the book's ``output``) are ignored.
+    """
+    missing = [k for k in ("instruction", *PREFERENCE_KEYS) if k not in entry]
+    if missing:
+        raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
+    prompt_text = format_input(entry)
+    prompt = list(encode(prompt_text))
+    out: dict[str, list[int]] = {"prompt": prompt}
+    for key in PREFERENCE_KEYS:
+        ids = list(encode(prompt_text + format_response(entry[key])))
+        # The collate masks the prompt by its length: a merge across the boundary would shift that mask.
+        if ids[: len(prompt)] != prompt:
+            raise ValueError(
+                f"prompt tokens are not a prefix of the {key!r} tokens (the tokenizer merged across the "
+                "prompt/response boundary); cannot mask the prompt by length"
+            )
+        out[key] = ids
+    return out
+
+
+def collate_preferences(
+    batch: list[dict],
+    *,
+    pad_id: int = 50256,
+    allowed_max_length: int | None = None,
+    mask_prompt: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Pad encoded preference records (from :func:`encode_preference`) into one batch (book's DPO collate).
+
+    ``chosen`` and ``rejected`` are right-padded with ``pad_id`` to ONE common length, the longest sequence of
+    either kind, so a caller can run both through the model as a single (2B, T) batch. ``chosen_mask`` /
+    ``rejected_mask`` (bool, B × T) are True on response tokens: False on padding (decided by length, so a
+    ``pad_id`` that is also a real token such as ``<|endoftext|>`` is still counted where it is real) and, with
+    ``mask_prompt``, on the ``len(prompt)`` prompt tokens. ``allowed_max_length`` truncates ids and masks.
+    Unlike the book, no extra padding column is added and the ``### Response:`` header is not masked: it is
+    identical in chosen and rejected after the same prompt, so its log-probs cancel in the DPO margin.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    if allowed_max_length is not None and allowed_max_length <= 0:
+        raise ValueError(f"allowed_max_length must be > 0, got {allowed_max_length}")
+    length = max(len(item[key]) for item in batch for key in PREFERENCE_KEYS)
+    out: dict[str, torch.Tensor] = {}
+    for key in PREFERENCE_KEYS:
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.bool)
+        for i, item in enumerate(batch):
+            seq = item[key]
+            ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            start = len(item["prompt"]) if mask_prompt else 0
+            mask[i, start : len(seq)] = True
+        if allowed_max_length is not None:
+            ids, mask = ids[:, :allowed_max_length], mask[:, :allowed_max_length]
+        out[key], out[f"{key}_mask"] = ids.contiguous(), mask.contiguous()
+    return out
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-likelihood of the masked tokens of each sequence, (B,).
+
+    ``logits`` (B, T, V) are ``model(input_ids)``; token ``t`` is scored by the logits at ``t - 1``, so the
+    first position never counts, and ``mask[:, t]`` decides whether token ``t`` counts. This is the DPO
+    paper's ``log pi(y|x)``: a SUM over response tokens. (The book's DPO notebook takes the per-token MEAN,
+    which drops the length dependence of the likelihood; we follow the paper.) Computed in float32 so bf16
+    logits under autocast do not lose precision in the normaliser.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or mask.shape != input_ids.shape:
+        raise ValueError(
+            f"expected logits (B, T, V) with input_ids and mask (B, T); got {tuple(logits.shape)}, "
+            f"{tuple(input_ids.shape)}, {tuple(mask.shape)}"
+        )
+    logits = logits[:, :-1].float()
+    labels = input_ids[:, 1:].unsqueeze(-1)
+    # gather - logsumexp == log_softmax at the label, without materialising a second (B, T, V) tensor.
+    token_logp = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    # where, not multiply: a -inf log-prob at a masked position must not turn the sum into NaN.
+    return torch.where(mask[:, 1:].bool(), token_logp, 0.0).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO loss from sequence log-probs (each (B,)); returns ``(loss, chosen_rewards, rejected_rewards)``.
+
+    ``loss = mean(-logsigmoid(beta * ((pc - pr) - (rc - rr))))`` (Rafailov et al. 2023, eq. 7). The implicit
+    rewards ``beta * (pc - rc)`` and ``beta * (pr - rr)`` are per example and detached: they are for logging.
+    """
+    shape = policy_chosen.shape
+    if any(t.shape != shape for t in (policy_rejected, ref_chosen, ref_rejected)):
+        raise ValueError("policy/reference chosen/rejected log-probs must all have the same shape")
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    # logsigmoid is the stable form of log(sigmoid(x)) for large |x|.
+    loss = -F.logsigmoid(beta * logits).mean()
+    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
+    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
+    return loss, chosen_rewards, rejected_rewards
+
+
+def _pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected from ONE forward pass over the stacked (2B, T) batch."""
+    ids = torch.cat([batch["chosen"], batch["rejected"]])
+    mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+    # Right padding needs no attention mask: causal attention never lets a real token see later padding.
+    logp = sequence_logprobs(model(ids), ids, mask)
+    return logp.chunk(2)
+
+
+def dpo_batch_metrics(
+    policy: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """DPO loss (with grad through ``policy`` only) and batch-mean reward metrics for a collated batch.
+
+    The reference runs under ``torch.no_grad()`` and is put in eval mode (it is a fixed distribution, so no
+    dropout); the policy keeps whatever mode the caller set. Returns ``loss``, ``chosen_reward``,
+    ``rejected_reward``, ``reward_margin`` (chosen - rejected) and ``reward_accuracy`` (fraction of pairs with
+    chosen reward > rejected reward), the last four detached scalars.
+    """
+    if policy is reference:
+        raise ValueError("policy and reference must be different modules (copy the model for the reference)")
+    policy_chosen, policy_rejected = _pair_logprobs(policy, batch)
+    reference.eval()
+    with torch.no_grad():
+        ref_chosen, ref_rejected = _pair_logprobs(reference, batch)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
+    return {
+        "loss": loss,
+        "chosen_reward": chosen_rewards.mean(),
+        "rejected_reward": rejected_rewards.mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+    }
+
+
+def make_dpo_loss_fn(reference: nn.Module, beta: float) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """``loss_fn(policy, batch)`` for :func:`gptlab.train.train` / :func:`gptlab.train.evaluate`.
+
+    ``train`` moves the policy and the batch to its device but knows nothing of the reference, so the reference
+    follows the batch's device on first use (and whenever that changes).
+    """
+
+    def loss_fn(policy: nn.Module, batch: dict) -> torch.Tensor:
+        device = batch["chosen"].device
+        param = next(reference.parameters(), None)
+        if param is not None and param.device != device:
+            reference.to(device)
+        return dpo_batch_metrics(policy, reference, batch, beta)["loss"]
+
+    return loss_fn

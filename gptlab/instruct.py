@@ -1,0 +1,284 @@
+"""Instruction data: the Alpaca prompt format, validation, seeded splits, and the SFT collate function.
+
+Book ch. 7: ``format_input`` (Alpaca-style prompt, Taori et al. 2023), the 85/10/5 train/test/validation split
+and ``custom_collate_fn`` (pad with ``<|endoftext|>``, shift targets by one, ignore every padding target but the
+first, optional truncation), plus the exercise that masks the prompt tokens out of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+
+def format_input(entry: dict) -> str:
+    """The prompt for one record: preamble, ``### Instruction:``, and ``### Input:`` when the input is non-empty."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_response(response: str) -> str:
+    """What follows the prompt: the ``### Response:`` header and the response text."""
+    return f"\n\n### Response:\n{response}"
+
+
+def _field_names(name: str, value: object) -> tuple[str, ...]:
+    # A bare string is a Sequence[str] too, and required="output" would silently check 'o', 'u', 't', ...
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):  # type: ignore[union-attr]
+        raise TypeError(f"{name} must be a sequence of field names, got {value!r}")
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _record_problem(record: object, fields: Sequence[str], non_empty: set[str]) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected an object with fields {', '.join(map(repr, fields))}, got {type(record).__name__}"
+    for key in fields:
+        if key not in record:
+            return f"field {key!r} is missing"
+        value = record[key]
+        if not isinstance(value, str):
+            return f"field {key!r} must be a string, got {type(value).__name__}"
+        if key in non_empty and not value.strip():
+            return f"field {key!r} is empty"
+    return None
+
+
+def validate_records(
+    records: object,
+    *,
+    required: Sequence[str] = ("instruction", "input", "output"),
+    non_empty: Sequence[str] = ("instruction", "output"),
+    skip_invalid: bool = False,
+    source: str = "records",
+) -> tuple[list[dict], int]:
+    """Check parsed JSON records; return ``(valid records, number skipped)``.
+
+    ``records`` must be a list of dicts. Each needs every ``required`` key (and every ``non_empty`` key) with a
+    str value; ``non_empty`` keys must also hold more than whitespace (the book's ``input`` may be ``""``).
+    An invalid record raises ``ValueError("<source>: record <i>: field 'output' is missing")`` (also
+    ``is empty`` / ``must be a string``; ``i`` is the 0-based position in ``records``) unless ``skip_invalid``,
+    in which case it is dropped and counted. Valid records are returned as they are, extra keys included.
+    """
+    fields = _field_names("required", required)
+    blank_checked = _field_names("non_empty", non_empty)
+    fields += tuple(k for k in blank_checked if k not in fields)
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+    valid: list[dict] = []
+    skipped = 0
+    for i, record in enumerate(records):
+        problem = _record_problem(record, fields, set(blank_checked))
+        if problem is None:
+            valid.append(record)
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise ValueError(f"{source}: record {i}: {problem}")
+    return valid, skipped
+
+
+def _fraction(name: str, value: object) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    # As written (0.85, not 0.84999999999999997...), the same rule as gptlab.data's train/val split.
+    return Decimal(repr(float(value)))
+
+
+def split_records(
+    records: Sequence[T], *, train_frac: float = 0.85, test_frac: float = 0.10, seed: int = 123
+) -> tuple[list[T], list[T], list[T]]:
+    """Seeded shuffle, then the book's split: ``(train, test, val)``.
+
+    train is the first ``floor(n * train_frac)`` shuffled records, test the next ``floor(n * test_frac)``,
+    val the rest (1100 records give 935 / 110 / 55). The shuffle uses its own ``random.Random(seed)``:
+    ``gptlab.train`` reseeds the global RNG, and the split must not depend on what ran before it.
+    """
+    train_d, test_d = _fraction("train_frac", train_frac), _fraction("test_frac", test_frac)
+    if train_d + test_d > 1:
+        raise ValueError(f"train_frac + test_frac must be at most 1, got {train_frac} + {test_frac}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    n = len(shuffled)
+    n_train = math.floor(train_d * n)
+    n_test = math.floor(test_d * n)
+    return shuffled[:n_train], shuffled[n_train : n_train + n_test], shuffled[n_train + n_test :]
+
+
+def encode_record(entry: dict, encode: Callable[[str], list[int]]) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the number of prompt tokens, for :func:`collate_sft`.
+
+    The whole text is tokenized as one string, as the book does, so the ids at the prompt/response boundary
+    are the ones the model sees at inference. The prompt length comes from tokenizing the prompt alone; that
+    is only meaningful if those ids are a prefix of the full ids, which BPE can break when the prompt ends in
+    whitespace that merges with the response header's ``\\n\\n`` (e.g. an input ending in a newline). Such a
+    record raises ValueError rather than silently mis-masking; strip the fields first.
+    """
+    prompt = format_input(entry)
+    ids = list(encode(prompt + format_response(entry["output"])))
+    prompt_ids = list(encode(prompt))
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            f"prompt tokens are not a prefix of prompt + response tokens (the prompt ends in "
+            f"{prompt[-20:]!r}; trailing whitespace merges with the response header): strip the record's fields"
+        )
+    return ids, len(prompt_ids)
+
+
+def collate_sft(
+    batch: Sequence[tuple[list[int], int]],
+    *,
+    pad_id: int = 50256,
+    ignore_index: int = -100,
+    allowed_max_length: int | None = None,
+    mask_prompt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The book's ``custom_collate_fn`` over ``(ids, prompt_len)`` items; int64 ``(inputs, targets)`` (B, T).
+
+    Each sequence gets one ``pad_id`` appended (the end-of-text the model must learn to emit) and is padded
+    with ``pad_id`` to the batch's longest + 1; inputs drop the last column, targets the first. Padding
+    targets after that first end-of-text become ``ignore_index``. The mask is by position, not by value as
+    in the book, so a real ``pad_id`` token inside a sequence (an ``<|endoftext|>`` in a response) stays
+    scored. With ``mask_prompt`` the targets that predict prompt tokens (target positions
+    ``0 .. prompt_len - 2``) are ignored too: the model still reads the prompt, it is just not trained to
+    reproduce it. Inputs and targets are then cut to ``allowed_max_length`` columns.
+    """
+    if not batch:
+        raise ValueError("collate_sft got an empty batch")
+    if allowed_max_length is not None and (
+        isinstance(allowed_max_length, bool)
+        or not isinstance(allowed_max_length, int)
+        or allowed_max_length < 1
+    ):
+        raise ValueError(f"allowed_max_length must be a positive int or None, got {allowed_max_length!r}")
+    for i, (ids, prompt_len) in enumerate(batch):
+        if len(ids) == 0:
+            raise ValueError(f"collate_sft: sequence {i} is empty")
+        if not 0 <= prompt_len <= len(ids):
+            raise ValueError(f"collate_sft: sequence {i} has prompt_len {prompt_len} outside [0, {len(ids)}]")
+    width = max(len(ids) for ids, _ in batch) + 1
+    padded = torch.full((len(batch), width), pad_id, dtype=torch.int64)  # (B, T + 1)
+    for row, (ids, _) in enumerate(batch):
+        padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+    inputs = padded[:, :-1].clone()  # (B, T)
+    targets = padded[:, 1:].clone()  # (B, T)
+    for row, (ids, prompt_len) in enumerate(batch):
+        # targets[j] is token j + 1: target len(ids) - 1 is the appended end-of-text, the rest is padding.
+        targets[row, len(ids) :] = ignore_index
+        if mask_prompt:
+            targets[row, : max(prompt_len - 1, 0)] = ignore_index
+    if allowed_max_length is not None:
+        inputs = inputs[:, :allowed_max_length]
+        targets = targets[:, :allowed_max_length]
+    return inputs, targets
+
+
+class ListBatches:
+    """Resumable batches over an in-memory list: seeded shuffling per epoch, a collate function.
+
+    Implements the :class:`gptlab.train.BatchSource` protocol with the semantics of
+    :class:`gptlab.data.WindowLoader`: iterating yields the batches from the current position to the end of
+    the current epoch, then moves to the next epoch. Epoch ``e`` visits items in the order
+    ``np.random.default_rng([seed, e]).permutation(len(items))`` (or in list order without ``shuffle``), so
+    :meth:`state_dict` alone resumes a run exactly. The position counts batches already yielded. Only one
+    live iterator per instance: a new ``iter()`` or :meth:`load_state_dict` invalidates older ones.
+    """
+
+    def __init__(
+        self,
+        items: Sequence,
+        *,
+        batch_size: int,
+        collate: Callable[[list], Any],
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            # default_rng rejects negative seed entropy; fail here rather than at the first batch.
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        # A snapshot, so a caller mutating its list cannot shift a resumed run's order.
+        self.items = list(items)
+        self.batch_size = batch_size
+        self.collate = collate
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        if not self.items:
+            raise ValueError("ListBatches needs at least one item")
+        if self.drop_last and len(self.items) < batch_size:
+            raise ValueError(
+                f"drop_last with batch_size={batch_size} but only {len(self.items)} items: no batch would "
+                f"ever be produced; lower batch_size or pass drop_last=False"
+            )
+        self.epoch = 0
+        self.position = 0
+        self._iter_token = 0
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.items) // self.batch_size
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Item indices in the order epoch ``epoch`` visits them."""
+        if not self.shuffle:
+            return np.arange(len(self.items))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def __iter__(self) -> Iterator[Any]:
+        self._iter_token += 1
+        return self._batches(self._iter_token)
+
+    def _batches(self, token: int) -> Iterator[Any]:
+        epoch, n, B = self.epoch, len(self), self.batch_size
+        order = self.order(epoch)
+        for b in range(self.position, n):
+            if token != self._iter_token:
+                raise RuntimeError("ListBatches iterator invalidated by a newer iter() or load_state_dict()")
+            batch = self.collate([self.items[int(i)] for i in order[b * B : (b + 1) * B]])
+            # Advance before yielding: a state_dict taken while the caller holds batch b already counts it,
+            # and after the epoch's last batch it points at the next epoch, not an empty tail.
+            if b + 1 == n:
+                self.epoch, self.position = epoch + 1, 0
+            else:
+                self.position = b + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_items": len(self.items),
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
+        for key, mine in (("num_items", len(self.items)), ("batch_size", self.batch_size)):
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"batch state has {key}={state[key]}, this source has {key}={mine}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self):
+            raise ValueError(f"batch state epoch={epoch}, position={position} is out of range")
+        if position == len(self):
+            epoch, position = epoch + 1, 0
+        self.epoch, self.position = epoch, position
+        self.seed = int(state.get("seed", self.seed))
+        self._iter_token += 1

@@ -1,0 +1,213 @@
+"""Stage ``classify``: finetune the base model into a spam classifier (book ch. 6).
+
+Balance ham/spam by undersampling, split 70/10/20, pad with ``<|endoftext|>``, swap the LM head for a 2-class
+head and train the chosen part (``head``, ``last_block`` — the book's default —, ``all`` or ``lora``). Logs
+loss/accuracy curves, writes a confusion matrix (PNG + JSON) and per-class precision/recall/F1, and registers
+the model as ``gptlab-spam-classifier``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptlab import lora
+from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.classify import (
+    balance,
+    classification_loss,
+    classification_report,
+    confusion_matrix,
+    encode_padded,
+    parse_labeled_tsv,
+    predict,
+    set_trainable,
+    split,
+    to_classifier,
+)
+from gptlab.fileio import write_json
+from gptlab.instruct import ListBatches
+from gptlab.tokenizer import EOT_ID, encode
+from gptlab.train import TrainConfig, train
+from stages import tracking
+from stages.common import plot_confusion, plot_curves, resolve_device, stage_main, write_history_csv
+from stages.params import load_section
+
+LABELS = ("ham", "spam")
+REGISTERED_NAME = "gptlab-spam-classifier"
+
+
+@dataclass
+class LoraParams:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(lora.LORA_TARGETS))
+    dropout: float = 0.0
+    merge: bool = True
+    """Merge the adapters into the weights on save (False keeps them separate in the checkpoint)."""
+
+
+@dataclass
+class ClassifyParams:
+    balance: bool = True
+    """Undersample ham to the number of spam messages (the book does)."""
+    seed: int = 123
+    """Seed of balancing, splitting and batch shuffling."""
+    max_length: int | None = None
+    """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
+    trainable: str = "last_block"
+    """head | last_block | all | lora."""
+    lora: LoraParams = field(default_factory=LoraParams)
+    batch_size: int = 8
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
+    device: str = "auto"
+
+
+def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int):
+    """Parse, balance, split and encode; returns ({split: (ids, labels)}, max_length)."""
+    examples = parse_labeled_tsv(text, labels=LABELS, source=source)
+    if params.balance:
+        examples = balance(examples, seed=params.seed)
+    splits = dict(zip(("train", "val", "test"), split(examples, seed=params.seed), strict=True))
+    if any(not rows for rows in splits.values()):
+        raise ValueError(f"{source}: too few messages for a 70/10/20 split ({len(examples)} after balancing)")
+    longest = max(len(encode(t)) for _, t in splits["train"])
+    max_length = min(params.max_length or longest, context_length)
+    tensors = {
+        name: (
+            encode_padded([t for _, t in rows], encode, max_length=max_length, pad_id=EOT_ID),
+            torch.tensor([y for y, _ in rows], dtype=torch.long),
+        )
+        for name, rows in splits.items()
+    }
+    return tensors, max_length
+
+
+def build_model(base: Path, params: ClassifyParams, device: str):
+    model, _ = load_checkpoint(base)
+    torch.manual_seed(params.seed)  # the new head's initialisation
+    model = to_classifier(model, len(LABELS))
+    if params.trainable == "lora":
+        lora.apply_lora(
+            model,
+            rank=params.lora.rank,
+            alpha=params.lora.alpha,
+            targets=params.lora.targets,
+            dropout=params.lora.dropout,
+        )
+        lora.mark_trainable(model, also=("lm_head",))
+    else:
+        set_trainable(model, params.trainable)
+    return model.to(device)
+
+
+def accuracy(model, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    ids, labels = data
+    return float((predict(model, ids).argmax(-1) == labels).float().mean())
+
+
+@stage_main("classify")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, required=True, help="base model checkpoint")
+    parser.add_argument("--data", type=Path, required=True, help="label<TAB>text file")
+    parser.add_argument("--model", type=Path, required=True, help="output classifier checkpoint")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--curves-csv", type=Path, required=True)
+    parser.add_argument("--curves-png", type=Path, required=True)
+    parser.add_argument("--confusion-png", type=Path, required=True)
+    parser.add_argument("--confusion-json", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_section("classify", ClassifyParams)
+    device = resolve_device(params.device)
+
+    with tracking.stage_run("classify", params):
+        model = build_model(args.base, params, device)
+        data, max_length = prepare_splits(
+            args.data.read_text(encoding="utf-8"),
+            params,
+            source=str(args.data),
+            context_length=model.config.context_length,
+        )
+        trainable, total = lora.count_parameters(model)
+        print(
+            f"classify: {trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
+        )
+        loader = ListBatches(
+            list(zip(*data["train"], strict=True)),
+            batch_size=params.batch_size,
+            collate=_stack,
+            seed=params.seed,
+        )
+        val_loader = ListBatches(
+            list(zip(*data["val"], strict=True)), batch_size=params.batch_size, collate=_stack, shuffle=False
+        )
+        result = train(
+            model,
+            loader,
+            params.train,
+            val_data=val_loader,
+            loss_fn=classification_loss,
+            device=device,
+            callback=tracking.metrics_logger(),
+            eval_fn=lambda m: {
+                "train_accuracy": accuracy(m, data["train"]),
+                "val_accuracy": accuracy(m, data["val"]),
+            },
+        )
+        if params.trainable == "lora" and params.lora.merge:
+            lora.merge_lora(model)
+        meta = {
+            "stage": "classify",
+            "labels": list(LABELS),
+            "max_length": max_length,
+            "lora": lora.lora_config(model),
+        }
+        save_checkpoint(model, args.model, meta=meta)
+
+        ids, labels = data["test"]
+        preds = predict(model, ids).argmax(-1)
+        cm = confusion_matrix(labels, preds, len(LABELS))
+        report = classification_report(cm, LABELS)
+        majority = float(torch.bincount(labels, minlength=len(LABELS)).max()) / len(labels)
+        metrics = {
+            "train_accuracy": accuracy(model, data["train"]),
+            "val_accuracy": accuracy(model, data["val"]),
+            "test_accuracy": report["accuracy"],
+            "test_majority_baseline": majority,
+            "val_loss": result.val_loss,
+            "train_loss": result.train_loss,
+            "split_sizes": {name: len(d[1]) for name, d in data.items()},
+            "max_length": max_length,
+            "trainable_params": trainable,
+            "total_params": total,
+            "test_per_class": report["per_class"],
+        }
+        write_json(args.metrics, metrics)
+        write_json(args.confusion_json, {"labels": list(LABELS), "matrix": cm.tolist(), "split": "test"})
+        columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+        write_history_csv(result.history, args.curves_csv, columns)
+        plot_curves(
+            result.history, args.curves_png, columns, title="spam classifier", ylabel="loss / accuracy"
+        )
+        plot_confusion(cm.tolist(), list(LABELS), args.confusion_png, title="test confusion matrix")
+        tracking.log_metrics(metrics, prefix="final_")
+        for path in (args.metrics, args.confusion_json, args.curves_csv, args.curves_png, args.confusion_png):
+            tracking.mlflow.log_artifact(str(path))
+        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=metrics)
+    print(
+        f"classify: test accuracy {metrics['test_accuracy']:.3f} (majority baseline {majority:.3f}) -> {args.model}"
+    )
+
+
+def _stack(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, labels = zip(*items, strict=True)
+    return torch.stack(ids), torch.stack(labels)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""MLflow pyfunc wrapper around a gptlab checkpoint ("models from code", MLflow 3).
+
+Logged by :func:`stages.tracking.log_model` with the checkpoint directory as the ``checkpoint`` artifact and the
+``gptlab`` package as code, so ``mlflow.pyfunc.load_model("models:/gptlab-sft/1")`` works anywhere torch and
+tiktoken are installed. Input: a list of strings (or a DataFrame whose first column holds them).
+Output: for a classifier, ``[{"label", "probability"}]``; for a language model, ``[{"response"}]`` generated from
+the Alpaca-formatted prompt (greedy, stop at ``<|endoftext|>``).
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class GptlabModel(PythonModel):
+    def load_context(self, context) -> None:
+        from gptlab.checkpoint import load_checkpoint
+
+        self.model, self.config = load_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[dict]:
+        import torch
+
+        from gptlab.classify import encode_padded, predict
+        from gptlab.generate import generate
+        from gptlab.instruct import format_input
+        from gptlab.tokenizer import EOT_ID, decode, encode
+
+        texts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        meta = self.config.get("meta", {})
+        if self.model.config.num_classes is not None:
+            ids = encode_padded(texts, encode, max_length=meta["max_length"], pad_id=EOT_ID)
+            probs = predict(self.model, ids)
+            labels = meta["labels"]
+            return [{"label": labels[int(p.argmax())], "probability": float(p.max())} for p in probs]
+        max_new = int((params or {}).get("max_new_tokens", 128))
+        prompts = [encode(format_input({"instruction": t, "input": ""})) for t in texts]
+        outs = generate(
+            self.model, prompts, max_new_tokens=max_new, eos_id=EOT_ID, generator=torch.Generator()
+        )
+        return [{"response": decode(o).removeprefix("\n\n### Response:\n").strip()} for o in outs]
+
+
+mlflow.models.set_model(GptlabModel())
