@@ -87,6 +87,18 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from gptlab.serve import parse_model_arg, serve
+
+    models: dict = {}
+    for spec in args.model:
+        name, directory = parse_model_arg(spec)
+        if name in models:
+            raise ValueError(f"--model {name!r} is given twice")
+        models[name] = directory
+    serve(models, host=args.host, port=args.port, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("info", help="show a checkpoint's architecture and metadata")
     n.add_argument("--checkpoint", required=True)
     n.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("serve", help="serve checkpoints over an Ollama-compatible HTTP API (and OpenAI's)")
+    s.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=CHECKPOINT_DIR",
+        help="a checkpoint to serve under NAME (clients may say NAME or NAME:latest); repeat for more",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=11434, help="default: 11434 (Ollama's); 0: any free port")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.set_defaults(func=_cmd_serve)
     return parser
 
 

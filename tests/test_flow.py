@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from pipelines.flow import dvc_stages, pipeline
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "tokenize", "pretrain", "base_model"]
+STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate"]
 TINY = {
     "pretrain": {
         "train": {
@@ -24,6 +24,9 @@ TINY = {
         "sample_max_new_tokens": 3,
     },
     "base_model": {"eval_batches": 1},
+    "classify": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}},
+    "sft": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}, "max_new_tokens": 2},
+    "dpo": {"train": {"epochs": 1, "eval_interval": 100}, "max_new_tokens": 2},
 }
 
 
@@ -56,7 +59,13 @@ def test_flow_records_one_task_run_per_stage(prefect_server, clone) -> None:
         assert sorted(t.name for t in task_runs) == sorted(STAGES)
         assert all(t.state.is_completed() for t in task_runs)
         keys = {a.key for a in client.read_artifacts()}
-    assert {"download-metrics", "tokenize-metrics", "pretrain-metrics", "base-model-metrics"} <= keys
+    assert {
+        "download-metrics",
+        "tokenize-metrics",
+        "pretrain-metrics",
+        "base-model-metrics",
+        "dpo-metrics",
+    } <= keys
 
     # Second run of part of the graph: DVC's cache makes both tasks no-ops.
     again = pipeline(root=str(clone), target="tokenize")

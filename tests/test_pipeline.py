@@ -10,12 +10,15 @@ import json
 import socket
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 from clones import clean_env, git, make_clone, run, set_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "tokenize", "pretrain", "base_model"]
+STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate"]
+REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": "gptlab-dpo"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,9 @@ def first_run(clone: Path):
 
 
 def _runs(clone: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    client = MlflowClient()
     exp = client.get_experiment_by_name("gptlab")
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
@@ -67,6 +72,58 @@ def test_main_command_runs_every_stage(clone: Path, first_run) -> None:
     assert all(s["completion"] for s in samples)
 
 
+def test_finetuning_stages_meet_their_bars(clone: Path, first_run) -> None:
+    clf = json.loads((clone / "metrics/classify.json").read_text())
+    # The classifier beats the majority-class baseline on the held-out test split.
+    assert clf["test_accuracy"] > clf["test_majority_baseline"] + 0.2
+    assert clf["split_sizes"] == {"train": 281, "val": 40, "test": 81}  # 201 spam + 201 ham, 70/10/20
+    assert set(clf["test_per_class"]) == {"ham", "spam"}
+    confusion = json.loads((clone / "outputs/classify/confusion.json").read_text())
+    assert sum(map(sum, confusion["matrix"])) == 81
+    assert (clone / "plots/classify/confusion.png").is_file() and (
+        clone / "plots/classify/curves.csv"
+    ).is_file()
+
+    sft = json.loads((clone / "metrics/sft.json").read_text())
+    assert sft["split_sizes"] == {"train": 261, "test": 30, "val": 17} and sft["skipped_records"] == 0
+    responses = json.loads((clone / "outputs/sft/responses.json").read_text())
+    assert len(responses) == 30
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    assert pd.read_parquet(clone / "outputs/sft/responses.parquet").shape == (30, 4)
+
+    dpo = json.loads((clone / "metrics/dpo.json").read_text())
+    # DPO raises reward accuracy on its training data above chance.
+    assert dpo["final_train_reward_accuracy"] > 0.5 > dpo["initial_train_reward_accuracy"]
+    assert dpo["final_train_reward_margin"] > 0 and dpo["final_train_loss"] < dpo["initial_train_loss"]
+    rows = json.loads((clone / "outputs/dpo/responses.json").read_text())
+    assert len(rows) == 10 and {"reference_response", "model_response"} <= set(rows[0])
+
+    out = run(
+        [
+            "python",
+            "-m",
+            "gptlab.cli",
+            "classify",
+            "--checkpoint",
+            "models/classifier",
+            "WIN a FREE prize! Txt CLAIM to 80086 now",
+        ],
+        clone,
+        clean_env(clone),
+    ).stdout
+    assert out.split("\t")[0] in {"ham", "spam"}
+
+
+def test_evaluate_without_a_judge_reports_reference_metrics(clone: Path, first_run) -> None:
+    metrics = json.loads((clone / "metrics/evaluate.json").read_text())
+    assert metrics["judge_status"] == "unreachable"  # the sample profile's default: no Ollama needed
+    assert set(metrics["models"]) == {"sft", "sft_on_preference", "dpo"}
+    assert metrics["models"]["sft"]["n"] == 30 and 0 <= metrics["models"]["sft"]["rouge_l_f1"] <= 1
+    table = pd.read_parquet(clone / "outputs/evaluate/scores.parquet")
+    assert len(table) == 50 and table["score"].isna().all()
+    assert "only reference metrics were computed" in first_run.stdout
+
+
 def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
     client, runs = _runs(clone)
     by_stage = {r.data.tags["gptlab.stage"]: r for r in runs}
@@ -87,6 +144,17 @@ def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
         files = {f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "model")}
         assert {"model/model.safetensors", "model/config.json"} <= files
     assert "loss.png" in {f.path for f in client.list_artifacts(pretrain.info.run_id)}
+    # Finetuned models are registered under stable names, linked to their run, with the metrics attached.
+    for stage, name in REGISTERED.items():
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.run_id == by_stage[stage].info.run_id
+        key = "test_accuracy" if stage == "classify" else "steps"
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert key in {m.key for m in logged.metrics} and key in version.tags
+    assert "confusion.png" in {f.path for f in client.list_artifacts(by_stage["classify"].info.run_id)}
+    model = mlflow.pyfunc.load_model("models:/gptlab-spam-classifier/1")
+    (pred,) = model.predict(["Free entry! Claim your £500 prize now"])
+    assert pred["label"] in {"ham", "spam"} and 0.5 <= pred["probability"] <= 1.0
 
 
 def test_second_run_is_a_no_op(clone: Path, first_run) -> None:

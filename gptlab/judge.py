@@ -1,0 +1,582 @@
+"""LLM-as-a-judge scoring of instruction responses through Ollama (book ch. 7.8, "Evaluating the finetuned LLM").
+
+The book asks Llama 3 (served by Ollama) to score each test-set response from 0 to 100 against the reference
+output, with the prompt reproduced exactly by :func:`judge_prompt`, and reports the average score. This module
+does the same through the official ``ollama`` Python client, with what a pipeline stage needs on top:
+
+* :func:`parse_score` turns a judge reply into an int in 0..100 or None (never guesses);
+* :class:`JudgmentCache`, an append-only JSONL file, so a rerun (or a run resumed after a kill) re-asks nothing;
+* :func:`score_responses`: bounded concurrency, results in input order, retries with exponential backoff on
+  network errors and 5xx, one re-ask for an unparsable reply, and :class:`JudgeUnavailableError` (a one-line
+  message saying how to start Ollama) when the judge cannot be reached;
+* :func:`summarize_scores` and :func:`compare_pairwise` (e.g. SFT vs DPO on the same test records).
+
+Determinism: the book sends ``temperature 0`` and ``seed 123``; so do we (:class:`JudgeConfig`). By default the
+request also carries a JSON schema as Ollama's ``format`` (structured outputs, Ollama >= 0.5), which constrains
+the reply to ``{"score": <int>}``; the prompt text itself stays the book's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+import threading
+import time
+import warnings
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+try:  # ollama (and its httpx) come with the `pipeline` extra, not the core library
+    import httpx
+    import ollama
+except ImportError as e:  # pragma: no cover - the dev/pipeline environment always has them
+    raise ImportError("gptlab.judge needs the official `ollama` client: pip install -e '.[pipeline]'") from e
+
+from gptlab.instruct import format_input
+
+__all__ = [
+    "SCORE_SCHEMA",
+    "JudgeConfig",
+    "JudgeUnavailableError",
+    "JudgmentCache",
+    "check_judge",
+    "compare_pairwise",
+    "judge_prompt",
+    "parse_score",
+    "score_responses",
+    "summarize_scores",
+]
+
+SCORE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+}
+
+
+# --- prompt -------------------------------------------------------------------------------------------------
+
+
+def judge_prompt(entry: dict, response: str) -> str:
+    """The book's judge prompt (ch. 7.8) for one test record and the model's response, character for character."""
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{response}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+# --- parsing ------------------------------------------------------------------------------------------------
+
+# A number not glued to a word or a decimal point on its left ("gpt2", "v1.5" do not yield 2 / 5); a leading
+# minus is kept so "-5" is rejected as out of range rather than read as 5.
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_NUMBER_RE = re.compile(rf"(?<![\w.])({_NUMBER})(?![\w])")
+# "85/100", "85 / 100", "85 out of 100": the denominator is the scale, not a second score.
+_FRACTION_RE = re.compile(rf"(?<![\w.])({_NUMBER})\s*(?:/|out\s+of)\s*({_NUMBER})(?![\w])", re.IGNORECASE)
+# "Score: 85", "**Score:** 85", '"score": 85', "a score of 85", "score is 85", "Rating = 85".
+_LABEL_RE = re.compile(
+    rf"\b(?:score|rating)\b[\"'*_`]*\s*(?:[:=]|is|of)?\s*[\"'*_`]*\s*({_NUMBER})(?![\w])", re.IGNORECASE
+)
+# A first line that is only a number ("85", "**85**", "85/100."): the prompt asks for the number only, so what
+# follows is commentary, and numbers in it must not make the reply ambiguous.
+_BARE_RE = re.compile(rf"[*_`\"'\s]*({_NUMBER})(?:\s*(?:/|out\s+of)\s*100)?[*_`\"'.\s]*", re.IGNORECASE)
+_NOT_JSON = object()
+
+
+def _as_score(value: Decimal) -> int | None:
+    # Reject (never clamp) what is outside the scale or not an integer: a judge that says 150 or 85.5 did not
+    # follow the instructions, and clamping would invent a score it never gave.
+    if value != value.to_integral_value() or not 0 <= value <= 100:
+        return None
+    return int(value)
+
+
+def _from_text(text: str) -> int | None:
+    bare = _BARE_RE.fullmatch(text.strip().splitlines()[0])
+    if bare:
+        return _as_score(Decimal(bare.group(1)))
+    fractions = list(_FRACTION_RE.finditer(text))
+    if any(Decimal(m.group(2)) != 100 for m in fractions):
+        return None  # "8/10" is another scale; rescaling would be a guess
+    # Replace each "N/100" by its numerator so the 100 is not counted as a second number.
+    text = _FRACTION_RE.sub(lambda m: f" {m.group(1)} ", text)
+    labeled = {Decimal(v) for v in _LABEL_RE.findall(text)}
+    # An explicit "score: N" wins over other numbers in an explanation ("... 45 km is 45000 m. Score: 95").
+    values = labeled or {Decimal(v) for v in _NUMBER_RE.findall(text)}
+    if len(values) != 1:
+        return None  # no number, or several different ones ("70 or 80"): ambiguous, so no score
+    return _as_score(values.pop())
+
+
+def _from_json(text: str) -> object:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return _NOT_JSON
+    if isinstance(data, dict):
+        if "score" not in data:
+            return None
+        data = data["score"]
+    if isinstance(data, bool):
+        return None  # JSON true is an int to Python, not a score
+    if isinstance(data, int):
+        return _as_score(Decimal(data))
+    if isinstance(data, float):
+        return _as_score(Decimal(repr(data))) if math.isfinite(data) else None
+    if isinstance(data, str):
+        return _from_text(data.strip()) if data.strip() else None
+    return None
+
+
+def parse_score(reply: str) -> int | None:
+    """The judge's score in 0..100, or None when the reply does not state exactly one.
+
+    Rules, in order:
+
+    1. Surrounding whitespace is ignored; an empty reply is None.
+    2. If the whole reply is JSON: an object's ``"score"`` (an int, an integral float such as ``85.0``, or a
+       string parsed by rules 3-5, so ``{"score": "85"}`` works); a bare number or string likewise. An object
+       without ``"score"``, a list, a bool or null is None.
+    3. Otherwise, if the first line is only a number (``85``, ``**85**``, ``85/100``), that is the score and the
+       rest is commentary (``"85\\n\\nIt misses 2 points."`` gives 85).
+    4. Otherwise the text is scanned for numbers. ``N/100`` and ``N out of 100`` count as ``N``; a fraction with
+       any other denominator (``8/10``) is None: another scale, not rescaled. If the reply labels a score
+       (``Score: 85``, ``**Score:** 85``, ``a score of 85``, ``"score": 85``) only the labelled numbers count,
+       else every number does. Exactly one distinct value must remain (``"85 ... 85"`` is fine); zero or
+       several (``"70 or 80"``) is ambiguous and gives None. Markdown around the number (``**85**``) is fine.
+    5. The value must be an integer in 0..100: ``150``, ``-5`` and ``85.5`` give None (rejected, not clamped).
+
+    Words are not numbers: ``"eighty"`` is None, as is ``"I cannot score this"``.
+    """
+    if not isinstance(reply, str):
+        return None
+    text = reply.strip()
+    if not text:
+        return None
+    try:
+        from_json = _from_json(text)
+        if from_json is not _NOT_JSON:
+            return from_json  # type: ignore[return-value]
+        return _from_text(text)
+    except InvalidOperation:  # pragma: no cover - the regexes only pass Decimal-parsable text
+        return None
+
+
+# --- cache --------------------------------------------------------------------------------------------------
+
+
+def _cache_key(model: str, prompt: str) -> str:
+    return hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()
+
+
+class JudgmentCache:
+    """Append-only JSONL file keyed by ``sha256(judge model + "\\0" + prompt)``; thread-safe; survives restarts.
+
+    Each line is ``{"key", "model", "prompt", "score", "reply"}`` (the prompt is kept so the file can be
+    audited). :meth:`get` returns ``{"score": int | None, "reply": str}`` or None; :meth:`put` appends a line
+    and flushes it (a killed process loses at most the line being written; there is no fsync, so a power
+    loss may lose more). A key written twice resolves to the last line.
+
+    The key holds only the model name and the prompt: changing temperature, seed or ``use_schema`` does not
+    invalidate earlier answers (use another file for that), and ``"llama3"`` and ``"llama3:latest"`` are
+    different keys.
+
+    Loading: a last line cut off by a killed run (no trailing newline, not valid JSON) is dropped from the file
+    with a warning, so the next append starts on a clean line; any other unreadable line is skipped with a
+    warning and left in place. One process at a time: threads share an instance, processes must not share a
+    file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        # After the split, the last element is b"" when the file ends in a newline, else an unterminated line.
+        tail = lines.pop()
+        for number, raw in enumerate(lines, start=1):
+            if raw.strip():
+                self._ingest(raw, number)
+        if tail.strip() and not self._ingest(tail, len(lines) + 1, warn=False):
+            warnings.warn(
+                f"{self.path}: line {len(lines) + 1} is truncated (an interrupted run?); dropping it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+        elif tail:
+            # A complete record (or blank text) without its newline: terminate it so appends stay separate.
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+
+    def _ingest(self, raw: bytes, number: int, *, warn: bool = True) -> bool:
+        try:
+            line = json.loads(raw)
+            key, score, reply = line["key"], line["score"], line["reply"]
+            if not isinstance(key, str) or not isinstance(reply, str):
+                raise TypeError("key and reply must be strings")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
+                raise TypeError("score must be an int or null")
+        except (ValueError, KeyError, TypeError) as e:
+            if warn:
+                warnings.warn(
+                    f"{self.path}: skipping unreadable line {number} ({e})", RuntimeWarning, stacklevel=4
+                )
+            return False
+        self._records[key] = {"score": score, "reply": reply}
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def get(self, model: str, prompt: str) -> dict[str, Any] | None:
+        """``{"score", "reply"}`` stored for this judge model and prompt (a copy), or None."""
+        with self._lock:
+            record = self._records.get(_cache_key(model, prompt))
+            return dict(record) if record is not None else None
+
+    def put(self, model: str, prompt: str, record: dict[str, Any]) -> None:
+        """Store ``record`` (``{"score": int | None, "reply": str}``; other keys are ignored) and append it."""
+        score, reply = record["score"], record["reply"]
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
+            raise TypeError(f"score must be an int or None, got {score!r}")
+        if not isinstance(reply, str):
+            raise TypeError(f"reply must be a str, got {type(reply).__name__}")
+        key = _cache_key(model, prompt)
+        line = json.dumps({"key": key, "model": model, "prompt": prompt, "score": score, "reply": reply})
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One write of one whole line, then flush: what a kill can leave is a torn last line, which
+            # _load drops.
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+            self._records[key] = {"score": score, "reply": reply}
+
+
+# --- client -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeConfig:
+    """How to reach and query the judge. ``retries`` is the number of re-tries after a failed request (network
+    error, timeout, HTTP 429/5xx), so a request is sent at most ``1 + retries`` times, sleeping
+    ``backoff * 2**k`` seconds before re-try ``k`` (0-based). ``timeout`` is per HTTP request."""
+
+    host: str = "http://127.0.0.1:11434"
+    model: str = "llama3"
+    temperature: float = 0.0
+    seed: int = 123
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    concurrency: int = 4
+    use_schema: bool = True
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.concurrency, bool)
+            or not isinstance(self.concurrency, int)
+            or self.concurrency < 1
+        ):
+            raise ValueError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {self.timeout!r}")
+        if not self.backoff >= 0:
+            raise ValueError(f"backoff must be >= 0, got {self.backoff!r}")
+        if not self.model:
+            raise ValueError("model must be a non-empty judge model name, e.g. 'llama3'")
+
+
+class JudgeUnavailableError(RuntimeError):
+    """The judge cannot be used: Ollama is unreachable, keeps failing, or lacks the model. One-line message."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _reason(exc: BaseException) -> str:
+    # ollama turns httpx.ConnectError into a generic ConnectionError "from None"; the original (e.g.
+    # "[Errno 111] Connection refused") is still on __context__ and says more.
+    inner = exc.__context__ if isinstance(exc, ConnectionError) and exc.__context__ is not None else exc
+    detail = _one_line(str(inner)) or type(inner).__name__
+    return f"{type(inner).__name__}: {detail}" if detail != type(inner).__name__ else detail
+
+
+def _unreachable(cfg: JudgeConfig, exc: BaseException, what: str = "is unreachable") -> JudgeUnavailableError:
+    return JudgeUnavailableError(
+        f"judge at {cfg.host} {what}: {_reason(exc)}; start Ollama with `ollama serve` and "
+        f"`ollama pull {cfg.model}`"
+    )
+
+
+def _missing_model(cfg: JudgeConfig) -> JudgeUnavailableError:
+    return JudgeUnavailableError(
+        f"model {cfg.model} not available at {cfg.host}; run `ollama pull {cfg.model}`"
+    )
+
+
+def _canonical_model(name: str) -> str:
+    # Ollama lists "llama3:latest" for a model pulled as "llama3". The tag is after the last ":" of the last
+    # path segment ("host:port/ns/model" has a ":" that is not a tag).
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def check_judge(cfg: JudgeConfig) -> None:
+    """Fail fast, before any scoring: the Ollama server answers and has ``cfg.model``.
+
+    Lists the server's models (``GET /api/tags``) with a short timeout (``min(cfg.timeout, 5)`` s). Raises
+    :class:`JudgeUnavailableError`: ``judge at <host> is unreachable: <reason>; start Ollama with `ollama serve`
+    and `ollama pull <model>``` or ``model <m> not available at <host>; run `ollama pull <m>```. Names are
+    compared with ``:latest`` added where no tag is given.
+    """
+    client = ollama.Client(host=cfg.host, timeout=min(cfg.timeout, 5.0))
+    try:
+        listed = client.list()
+    except (ConnectionError, httpx.HTTPError, ollama.ResponseError, ValueError) as e:
+        # ValueError: a reply that is not Ollama's JSON (something else listens on that port).
+        raise _unreachable(cfg, e) from e
+    finally:
+        client.close()
+    available = {_canonical_model(m.model) for m in listed.models if m.model}
+    if _canonical_model(cfg.model) not in available:
+        raise _missing_model(cfg)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ollama.ResponseError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    # ConnectionError: ollama's wrapper for a refused connection; httpx.TransportError: timeouts, resets,
+    # a connection dropped mid-reply.
+    return isinstance(exc, ConnectionError | httpx.TransportError)
+
+
+class _RejectedError(JudgeUnavailableError):
+    """The server refused the request itself (HTTP 4xx other than 404/429): retrying the same request is futile."""
+
+    def __init__(self, message: str, requests: int) -> None:
+        super().__init__(message)
+        self.requests = requests
+
+
+class _Judge:
+    """Sends generate requests with retries; one ``ollama.Client`` per worker thread (httpx clients are
+    thread-safe, but one each keeps the connection pools independent and cheap to reason about)."""
+
+    def __init__(self, cfg: JudgeConfig) -> None:
+        self.cfg = cfg
+        self._local = threading.local()
+        self._clients: list[ollama.Client] = []
+        self._lock = threading.Lock()
+
+    def _client(self) -> ollama.Client:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = ollama.Client(host=self.cfg.host, timeout=self.cfg.timeout)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+    def generate(self, prompt: str, *, schema: bool) -> tuple[str, int]:
+        """The reply text and how many requests it took; JudgeUnavailableError once retries are exhausted."""
+        cfg = self.cfg
+        last: BaseException | None = None
+        for attempt in range(cfg.retries + 1):
+            try:
+                reply = self._client().generate(
+                    model=cfg.model,
+                    prompt=prompt,
+                    format=SCORE_SCHEMA if schema else None,
+                    options={"temperature": cfg.temperature, "seed": cfg.seed},
+                    stream=False,
+                )
+                return reply.response or "", attempt + 1
+            except ollama.ResponseError as e:
+                if e.status_code == 404:
+                    raise _missing_model(cfg) from e  # Ollama's "model 'x' not found": retrying won't help
+                if not _retryable(e):
+                    hint = (
+                        " (an Ollama older than 0.5 rejects a JSON-schema `format`: upgrade it or set use_schema=False)"
+                        if schema and e.status_code == 400
+                        else ""
+                    )
+                    raise _RejectedError(
+                        f"judge at {cfg.host} rejected the request: {_one_line(str(e))}{hint}", attempt + 1
+                    ) from e
+                last = e
+            except (ConnectionError, httpx.TransportError) as e:
+                last = e
+            if attempt < cfg.retries:
+                time.sleep(cfg.backoff * 2**attempt)
+        assert last is not None  # the loop runs at least once and only falls through after a failure
+        raise _unreachable(cfg, last, f"failed {cfg.retries + 1} times")
+
+    def judge(self, prompt: str) -> dict[str, Any]:
+        """Ask once; if the reply has no score, ask once more with the other output format.
+
+        With temperature 0 and a fixed seed the identical request would most likely return the identical
+        unparsable reply, so the re-ask flips ``format``: a schema-constrained reply that failed (e.g.
+        ``{"score": 150}``) is re-asked as the book's plain-text prompt, and a plain-text reply that failed is
+        re-asked with the schema, which constrains the output to ``{"score": <int>}``. The second reply is
+        final, parsed or not. If the server refuses the schema on that re-ask (an Ollama older than 0.5, the
+        likely reason ``use_schema`` is off), the first reply stands as the unparsed answer.
+        """
+        reply, requests = self.generate(prompt, schema=self.cfg.use_schema)
+        score = parse_score(reply)
+        if score is None:
+            try:
+                reply, more = self.generate(prompt, schema=not self.cfg.use_schema)
+            except _RejectedError as e:
+                if self.cfg.use_schema:
+                    raise  # the plain request was refused: not a format problem
+                more = e.requests
+            requests += more
+            score = parse_score(reply)
+        return {"score": score, "reply": reply, "attempts": requests}
+
+
+def score_responses(
+    items: list[tuple[dict, str]],
+    cfg: JudgeConfig,
+    cache: JudgmentCache,
+    *,
+    progress: bool = True,
+) -> list[dict]:
+    """Judge each ``(entry, response)``; per item ``{"score": int | None, "reply": str, "cached": bool,
+    "attempts": int}``, in input order.
+
+    * The prompt is :func:`judge_prompt`. A cache hit (same ``cfg.model`` and prompt) is reused without a
+      request: ``cached`` True, ``attempts`` 0. Items with identical prompts in one call are asked once; the
+      repeats count as cached.
+    * Otherwise ``ollama.Client.generate`` with ``format=SCORE_SCHEMA`` (if ``cfg.use_schema``),
+      ``options={"temperature", "seed"}``, ``stream=False``. A reply :func:`parse_score` cannot read is
+      re-asked once with the other format (see :meth:`_Judge.judge`); if that fails too the item keeps
+      ``score`` None and the last reply: recorded as unparsed, never dropped or invented.
+    * ``attempts`` counts the HTTP requests sent for the item, network re-tries included.
+    * Every final answer, parsed or not, goes into ``cache`` as soon as it arrives, so a run that dies part
+      way resumes where it stopped.
+    * Network errors, timeouts and HTTP 429/5xx are re-tried (see :class:`JudgeConfig`); when retries run out,
+      or the model is missing (HTTP 404), :class:`JudgeUnavailableError` is raised, queued items are cancelled
+      and items already in flight still finish and are cached.
+    * At most ``cfg.concurrency`` requests in flight (a thread pool); a tqdm bar unless ``progress`` is False.
+    """
+    prompts = [judge_prompt(entry, response) for entry, response in items]
+    results: list[dict | None] = [None] * len(items)
+    pending: dict[str, list[int]] = {}  # prompt -> indices waiting for it (in input order)
+    for i, prompt in enumerate(prompts):
+        if prompt in pending:
+            pending[prompt].append(i)
+            continue
+        hit = cache.get(cfg.model, prompt)
+        if hit is not None:
+            results[i] = {"score": hit["score"], "reply": hit["reply"], "cached": True, "attempts": 0}
+        else:
+            pending[prompt] = [i]
+
+    judge = _Judge(cfg)
+
+    def work(prompt: str) -> dict[str, Any]:
+        answer = judge.judge(prompt)
+        cache.put(cfg.model, prompt, answer)
+        return answer
+
+    bar = tqdm(total=len(items), desc=f"judge {cfg.model}", unit="resp", disable=not progress)
+    bar.update(len(items) - sum(len(v) for v in pending.values()))
+    executor = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="judge")
+    try:
+        futures: dict[Future, str] = {executor.submit(work, prompt): prompt for prompt in pending}
+        not_done = set(futures)
+        while not_done:
+            done, not_done = wait(not_done, return_when=FIRST_EXCEPTION)
+            for future in done:
+                answer = future.result()  # re-raises JudgeUnavailableError; the finally cancels the rest
+                first, *repeats = pending[futures[future]]
+                results[first] = {**answer, "cached": False}
+                for i in repeats:
+                    results[i] = {
+                        "score": answer["score"],
+                        "reply": answer["reply"],
+                        "cached": True,
+                        "attempts": 0,
+                    }
+                bar.update(1 + len(repeats))
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        judge.close()
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+# --- summaries ----------------------------------------------------------------------------------------------
+
+
+def summarize_scores(scores: list[int | None]) -> dict[str, Any]:
+    """``{"n", "scored", "unparsed", "mean", "median", "min", "max"}``; the statistics cover parsed scores only
+    and are None when nothing was parsed. ``mean`` and ``median`` are floats, ``min``/``max`` ints."""
+    parsed = [s for s in scores if s is not None]
+    summary: dict[str, Any] = {"n": len(scores), "scored": len(parsed), "unparsed": len(scores) - len(parsed)}
+    if parsed:
+        summary |= {
+            "mean": float(statistics.fmean(parsed)),
+            "median": float(statistics.median(parsed)),
+            "min": min(parsed),
+            "max": max(parsed),
+        }
+    else:
+        summary |= {"mean": None, "median": None, "min": None, "max": None}
+    return summary
+
+
+def compare_pairwise(a: list[int | None], b: list[int | None]) -> dict[str, Any]:
+    """Record-by-record comparison of two score lists over the same records (e.g. ``a`` = SFT, ``b`` = DPO).
+
+    Only records scored in both count: ``compared``; ``skipped`` = the rest. ``wins`` = records where
+    ``b > a``, ``ties``, ``losses`` (``b < a``); ``mean_difference`` = mean of ``b - a``; ``win_rate`` =
+    ``wins / compared`` (ties count as non-wins). Both are None when nothing is compared. Lists of different
+    lengths raise ValueError.
+    """
+    if len(a) != len(b):
+        raise ValueError(
+            f"compare_pairwise needs lists over the same records, got lengths {len(a)} and {len(b)}"
+        )
+    diffs = [y - x for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    wins = sum(d > 0 for d in diffs)
+    compared = len(diffs)
+    return {
+        "wins": wins,
+        "ties": sum(d == 0 for d in diffs),
+        "losses": sum(d < 0 for d in diffs),
+        "compared": compared,
+        "skipped": len(a) - compared,
+        "mean_difference": float(statistics.fmean(diffs)) if diffs else None,
+        "win_rate": wins / compared if compared else None,
+    }

@@ -1,0 +1,182 @@
+"""Stage ``evaluate``: score the SFT and DPO test-set responses with an LLM judge through Ollama (book ch. 7.8).
+
+Each response is scored 0-100 by ``evaluate.judge.model`` at ``evaluate.judge.host`` with the book's prompt
+(temperature 0, fixed seed, a JSON-schema ``format``); unparsable replies are retried once and then counted as
+unparsed, never dropped or invented. Answers are cached by (judge model, prompt) so reruns ask nothing twice.
+Reference-based metrics (ROUGE-L F1, exact match) need no judge, and the DPO records, which carry the SFT
+model's answer as ``reference_response``, give a pairwise SFT-vs-DPO comparison on the same prompts.
+
+Judge unreachable: with ``judge.required: true`` a one-line error; otherwise ``judge_status: unreachable`` and
+only the reference metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from gptlab.fileio import atomic_write, write_json
+from gptlab.judge import (
+    JudgeConfig,
+    JudgeUnavailableError,
+    JudgmentCache,
+    check_judge,
+    compare_pairwise,
+    score_responses,
+    summarize_scores,
+)
+from gptlab.textmetrics import exact_match, rouge_l_f1
+from stages import tracking
+from stages.common import stage_main
+from stages.params import load_section
+
+
+@dataclass
+class JudgeParams(JudgeConfig):
+    required: bool = False
+    """Fail the stage when the judge cannot be reached (otherwise record ``judge_status: unreachable``)."""
+
+
+@dataclass
+class EvaluateParams:
+    judge: JudgeParams = field(default_factory=JudgeParams)
+    max_records: int | None = None
+    """Score at most this many records per response set (None: all)."""
+
+
+def response_sets(sft: list[dict], dpo: list[dict]) -> dict[str, list[tuple[dict, str]]]:
+    """(record, response) pairs per evaluated model: SFT on its test split, and SFT vs DPO on the DPO test split."""
+    return {
+        "sft": [(r, r["model_response"]) for r in sft],
+        "sft_on_preference": [(r, r["reference_response"]) for r in dpo],
+        "dpo": [(r, r["model_response"]) for r in dpo],
+    }
+
+
+def evaluate(
+    sets: dict[str, list[tuple[dict, str]]], params: EvaluateParams, cache_path: Path
+) -> tuple[dict, pd.DataFrame]:
+    """Score every set (judge when reachable) and compute reference metrics; returns (metrics, per-record table)."""
+    cfg = JudgeConfig(**{k: v for k, v in vars(params.judge).items() if k != "required"})
+    status = "ok"
+    try:
+        check_judge(cfg)
+    except JudgeUnavailableError as exc:
+        if params.judge.required:
+            raise
+        status = "unreachable"
+        print(f"evaluate: judge unreachable, scoring skipped: {exc}")
+    cache = JudgmentCache(cache_path)
+    rows, models = [], {}
+    for name, items in sets.items():
+        items = items[: params.max_records] if params.max_records is not None else items
+        judged = (
+            score_responses(items, cfg, cache)
+            if status == "ok"
+            else [{"score": None, "reply": None, "cached": False}] * len(items)
+        )
+        rouge = [rouge_l_f1(resp, entry["output"]) for entry, resp in items]
+        exact = [exact_match(resp, entry["output"]) for entry, resp in items]
+        summary = {
+            "rouge_l_f1": sum(rouge) / max(len(rouge), 1),
+            "exact_match": sum(exact) / max(len(exact), 1),
+            "n": len(items),
+        }
+        if status == "ok":
+            summary.update(summarize_scores([j["score"] for j in judged]))
+            summary["cached"] = sum(j["cached"] for j in judged)
+        models[name] = summary
+        for (entry, resp), j, r, e in zip(items, judged, rouge, exact, strict=True):
+            rows.append(
+                {
+                    "model": name,
+                    "instruction": entry["instruction"],
+                    "input": entry["input"],
+                    "output": entry["output"],
+                    "response": resp,
+                    "score": j["score"],
+                    "judge_reply": j["reply"],
+                    "rouge_l_f1": r,
+                    "exact_match": e,
+                }
+            )
+    table = pd.DataFrame.from_records(rows).astype({"score": "Int64"})
+    metrics = {"judge_status": status, "judge_model": cfg.model, "judge_host": cfg.host, "models": models}
+    if status == "ok":
+        ref = table[table.model == "sft_on_preference"]["score"].tolist()
+        pol = table[table.model == "dpo"]["score"].tolist()
+        metrics["sft_vs_dpo"] = compare_pairwise([_opt(s) for s in ref], [_opt(s) for s in pol])
+    return metrics, table
+
+
+def _opt(value) -> int | None:
+    return None if pd.isna(value) else int(value)
+
+
+def plot_scores(table: pd.DataFrame, path: Path) -> None:
+    """Histogram of judge scores per model (an explanatory placeholder figure when nothing was scored)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    scored = table.dropna(subset=["score"])
+    if scored.empty:
+        ax.text(
+            0.5, 0.5, "no judge scores\n(judge unreachable or no parsable replies)", ha="center", va="center"
+        )
+        ax.set_axis_off()
+    else:
+        for name, group in scored.groupby("model"):
+            ax.hist(group["score"].astype(int), bins=range(0, 105, 5), alpha=0.5, label=name)
+        ax.set_xlabel("judge score (0-100)")
+        ax.set_ylabel("responses")
+        ax.legend()
+    ax.set_title("LLM-judge score distribution")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+@stage_main("evaluate")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", type=Path, required=True, help="SFT test-set responses (JSON)")
+    parser.add_argument("--dpo", type=Path, required=True, help="DPO test-set responses (JSON)")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--table", type=Path, required=True, help="per-record scores (Parquet)")
+    parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="judgment cache (JSONL), kept across runs")
+    args = parser.parse_args()
+    params = load_section("evaluate", EvaluateParams)
+
+    with tracking.stage_run("evaluate", params):
+        sets = response_sets(json.loads(args.sft.read_text()), json.loads(args.dpo.read_text()))
+        metrics, table = evaluate(sets, params, args.cache)
+        write_json(args.metrics, metrics)
+        atomic_write(args.table, lambda tmp: table.to_parquet(tmp, index=False))
+        plot_scores(table, args.plot)
+        tracking.log_metrics(metrics)
+        tracking.mlflow.log_table(data=table, artifact_file="evaluation_table.json")
+        for path in (args.metrics, args.table, args.plot):
+            tracking.mlflow.log_artifact(str(path))
+    for name, m in metrics["models"].items():
+        judged = (
+            f"judge mean {m['mean']:.1f}, unparsed {m['unparsed']}/{m['n']}"
+            if "mean" in m and m["mean"] is not None
+            else f"judge: {metrics['judge_status']}"
+        )
+        print(f"evaluate: {name:<18} ROUGE-L {m['rouge_l_f1']:.3f}  {judged}")
+    if metrics["judge_status"] != "ok":
+        print(
+            f"evaluate: no judge scores -- the judge at {metrics['judge_host']} was unreachable; only reference metrics were computed"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Stage ``evaluate``: judge paths (reachable through ``gptlab serve``, unreachable, required) and reference metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptlab.judge import JudgeUnavailableError
+from stages.evaluate import EvaluateParams, JudgeParams, evaluate, response_sets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records():
+    sft = [
+        {
+            "instruction": "Name a primary color.",
+            "input": "",
+            "output": "Red is a primary color.",
+            "model_response": "Red is a primary color.",
+        },
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "The answer is 6."},
+        {"instruction": "Antonym of hot?", "input": "hot", "output": "cold", "model_response": ""},
+    ]
+    dpo = [
+        {
+            "instruction": "Be polite.",
+            "input": "",
+            "output": "Thank you.",
+            "reference_response": "Thanks!",
+            "model_response": "Thank you.",
+        },
+        {
+            "instruction": "Spell cat.",
+            "input": "",
+            "output": "c-a-t",
+            "reference_response": "cat",
+            "model_response": "dog",
+        },
+    ]
+    return sft, dpo
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_judge_still_computes_reference_metrics(tmp_path) -> None:
+    params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}", required=False))
+    metrics, table = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+    assert metrics["judge_status"] == "unreachable" and "sft_vs_dpo" not in metrics
+    sft = metrics["models"]["sft"]
+    assert sft["n"] == 3 and sft["exact_match"] == pytest.approx(1 / 3)
+    assert sft["rouge_l_f1"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    assert "mean" not in sft  # never a fake score
+    assert metrics["models"]["dpo"]["exact_match"] == pytest.approx(0.5)
+    assert len(table) == 7 and table["score"].isna().all()
+
+
+def test_required_judge_unreachable_is_an_error(tmp_path) -> None:
+    params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}", required=True))
+    with pytest.raises(JudgeUnavailableError, match="unreachable.*ollama serve"):
+        evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+
+
+def test_stage_cli_required_judge_one_line_exit_2(tmp_path) -> None:
+    sft, dpo = _records()
+    (tmp_path / "sft.json").write_text(json.dumps(sft))
+    (tmp_path / "dpo.json").write_text(json.dumps(dpo))
+    port = _closed_port()
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"evaluate": {"judge": {"host": f"http://127.0.0.1:{port}", "required": True}}})
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.evaluate",
+            "--sft",
+            "sft.json",
+            "--dpo",
+            "dpo.json",
+            "--metrics",
+            "m.json",
+            "--table",
+            "t.parquet",
+            "--plot",
+            "p.png",
+            "--cache",
+            "c.jsonl",
+        ],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"evaluate: error: judge at http://127.0.0.1:{port} is unreachable")
+        and "ollama serve" in last
+    )
+    assert not (tmp_path / "m.json").exists()
