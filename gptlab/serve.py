@@ -59,6 +59,7 @@ The server binds 127.0.0.1 unless told otherwise: it has no authentication. It l
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import math
@@ -421,9 +422,11 @@ class Generation:
         *,
         strip_leading: bool = False,
         header: str | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         ctx = served.model.config.context_length
         self.served = served
+        self.stopping = stopping
         # stream() keeps the last `ctx` tokens of a longer prompt; count what the model really sees.
         self.prompt_ids = list(prompt_ids)[-ctx:] or [EOT_ID]  # GPT-2 starts unconditional text after EOT
         self.options = options
@@ -458,6 +461,8 @@ class Generation:
         )
         try:
             while True:
+                if self.stopping is not None and self.stopping.is_set():
+                    raise HTTPError(503, "the server is shutting down")
                 t0 = time.perf_counter_ns()
                 with served.lock:  # one forward pass at a time per model; released before any socket write
                     nxt = next(steps, None)
@@ -653,18 +658,78 @@ def _reject_unsupported(body: Mapping[str, Any], name: str) -> None:
 
 
 class OllamaServer(ThreadingHTTPServer):
-    """The HTTP server; ``models`` maps canonical ``name:tag`` to the loaded :class:`ServedModel`."""
+    """The HTTP server; ``models`` maps canonical ``name:tag`` to the loaded :class:`ServedModel`.
 
-    daemon_threads = True  # a streaming client must not keep the process alive after Ctrl-C
+    :meth:`server_close` stops cleanly: running generations end at their next decoding step, idle
+    keep-alive connections are woken up, and it waits for every connection thread. Without that, a thread
+    still inside a forward pass when the interpreter exits can abort the process (PyTorch's C++ frames
+    cannot unwind a daemon thread being torn down).
+    """
+
+    daemon_threads = True  # never keep the process alive by themselves; server_close() joins them
 
     def __init__(
         self, address: tuple[str, int], models: Mapping[str, ServedModel], *, log: IO[str] | None = None
     ) -> None:
         self.models = dict(models)
         self.log = log
+        self.stopping = threading.Event()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._busy: set[socket.socket] = set()  # connections in the middle of a request
+        self._connections_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn's, but every connection's thread is recorded so server_close() can end it.
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
+        with self._connections_lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def server_close(self, timeout: float = 30.0) -> None:
+        """Release the port and end every connection (call :meth:`shutdown` first if serving in a thread).
+
+        A request being answered finishes (a generation stops at its next step and says so in-band); a
+        connection waiting for its next keep-alive request is shut down, which wakes its thread. Sockets
+        still busy after ``timeout`` seconds are shut down too.
+        """
+        self.stopping.set()
+        super().server_close()
+        deadline = time.monotonic() + timeout
+        shut: set[socket.socket] = set()
+        while True:
+            with self._connections_lock:
+                connections = dict(self._connections)
+                busy = set(self._busy)
+            if not connections:
+                return
+            late = time.monotonic() > deadline
+            for sock in connections:
+                if sock not in shut and (late or sock not in busy):
+                    shut.add(sock)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            if late:
+                for thread in connections.values():
+                    thread.join(1.0)
+                return
+            time.sleep(0.01)
+
+    def _set_busy(self, sock: socket.socket, busy: bool) -> None:
+        with self._connections_lock:
+            if busy:
+                self._busy.add(sock)
+            else:
+                self._busy.discard(sock)
 
     def find(self, name: str) -> ServedModel:
         served = self.models.get(canonical_name(name))
@@ -785,6 +850,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._streaming = False
         self._openai = self.path.startswith("/v1/")
         note = ""
+        self.server._set_busy(self.connection, True)
         try:
             self._body = self._read_body()
             path = urlsplit(self.path).path
@@ -811,6 +877,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPError(500, f"{type(exc).__name__}: {exc}"))
         finally:
             self._log(f"{self.command} {self.path} {self._status} {time.perf_counter() - start:.3f}s{note}")
+            if self.server.stopping.is_set():
+                self.close_connection = True  # no further keep-alive requests
+            self.server._set_busy(self.connection, False)
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -984,6 +1053,7 @@ class _Handler(BaseHTTPRequestHandler):
             options.stop if options.stop is not None else default_stops,
             strip_leading=alpaca,
             header=ALPACA_HEADER if alpaca else None,
+            stopping=self.server.stopping,
         )
         t_decode = time.perf_counter_ns()
 
@@ -1028,9 +1098,8 @@ class _Handler(BaseHTTPRequestHandler):
             gen, streaming, lambda piece: {"message": {"role": "assistant", "content": piece}}, name, final
         )
 
-    @staticmethod
     def _chat_generation(
-        m: ServedModel, messages: list[dict[str, str]], options: DecodeOptions
+        self, m: ServedModel, messages: list[dict[str, str]], options: DecodeOptions
     ) -> Generation:
         try:
             text = render_chat_prompt(messages, prompt_format=m.prompt_format)
@@ -1045,6 +1114,7 @@ class _Handler(BaseHTTPRequestHandler):
             options.stop if options.stop is not None else default_stops,
             strip_leading=True,  # "assistant:" / "### Response:\n" is followed by a space or a newline
             header=ALPACA_HEADER if alpaca else None,
+            stopping=self.server.stopping,
         )
 
     def _run(self, gen: Generation, streaming: bool, chunk: Any, name: str, final: Any) -> None:

@@ -7,6 +7,7 @@ Each task publishes the stage's metrics as a Prefect table artifact. The downloa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+
+from pipelines import report
+from pipelines.profile import activate, apply_overrides
+from stages import tracking
 
 TASK_RETRIES = {"download": 2}
 """Stages worth retrying: only the one that talks to the network."""
@@ -45,11 +50,13 @@ def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
         ]
 
 
-def stage_env(pipeline_run_id: str) -> dict[str, str]:
-    """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``)."""
+def stage_env(pipeline_run_id: str, parent_run: str) -> dict[str, str]:
+    """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``), and the
+    ids that group the stage runs under this execution's MLflow parent run."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["GPTLAB_PIPELINE_RUN_ID"] = pipeline_run_id
+    env["GPTLAB_MLFLOW_PARENT_RUN_ID"] = parent_run
     if flow_run.id:
         env["GPTLAB_PREFECT_FLOW_RUN_ID"] = str(flow_run.id)
     return env
@@ -57,7 +64,7 @@ def stage_env(pipeline_run_id: str) -> dict[str, str]:
 
 @task(task_run_name="{stage}")
 def run_stage(
-    stage: str, root: str, metrics: list[str], pipeline_run_id: str, force: bool = False
+    stage: str, root: str, metrics: list[str], pipeline_run_id: str, force: bool = False, parent_run: str = ""
 ) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``; returns whether it ran and its metrics."""
     logger = get_run_logger()
@@ -66,7 +73,7 @@ def run_stage(
     proc = subprocess.Popen(
         cmd,
         cwd=root,
-        env=stage_env(pipeline_run_id),
+        env=stage_env(pipeline_run_id, parent_run),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -98,14 +105,79 @@ def run_stage(
 
 
 @flow(name="gptlab-pipeline", log_prints=False)
-def pipeline(root: str = ".", target: str | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Run the DVC pipeline stage by stage (all stages, or up to ``target``)."""
+def pipeline(
+    root: str = ".",
+    target: str | None = None,
+    force: bool = False,
+    profile: str | None = None,
+    set_params: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the DVC pipeline stage by stage (all stages, or up to ``target``).
+
+    ``profile`` first switches params.yaml to ``profiles/<profile>.yaml``; ``set_params`` then applies
+    ``section.key=value`` overrides (as ``dvc exp run -S`` does), so a scheduled deployment can run variants.
+    """
     root_path = Path(root).resolve()
-    pipeline_run_id = (
-        os.environ.get("GPTLAB_PIPELINE_RUN_ID") or f"prefect-{flow_run.id or uuid.uuid4().hex[:12]}"
-    )
-    results = []
-    for stage in dvc_stages(root_path, target):
-        runner = run_stage.with_options(retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5)
-        results.append(runner(stage["name"], str(root_path), stage["metrics"], pipeline_run_id, force))
+    if profile is not None:
+        activate(profile, root_path)
+    if set_params:
+        apply_overrides(set_params, root_path)
+    run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID") or f"prefect-{flow_run.id or uuid.uuid4().hex[:12]}"
+    stages = dvc_stages(root_path, target)
+    env = {"GPTLAB_PIPELINE_RUN_ID": run_id, "GPTLAB_PREFECT_FLOW_RUN_ID": str(flow_run.id or "")}
+    with contextlib.chdir(root_path), _environ(env):
+        parent = tracking.parent_run_id(tracking.configure())
+        results: list[dict[str, Any]] = []
+        status = "FAILED"
+        try:
+            for stage in stages:
+                runner = run_stage.with_options(
+                    retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
+                )
+                results.append(runner(stage["name"], str(root_path), stage["metrics"], run_id, force, parent))
+            status = "FINISHED"
+        finally:
+            finish_parent_run(root_path, parent, stages, status)
     return results
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the duration of one flow run (a served deployment reuses the process)."""
+    old = {k: os.environ.get(k) for k in [*values, "GPTLAB_MLFLOW_PARENT_RUN_ID"]}
+    os.environ.pop("GPTLAB_MLFLOW_PARENT_RUN_ID", None)
+    os.environ.update({k: v for k, v in values.items() if v})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def finish_parent_run(root: Path, parent: str, stages: list[dict[str, Any]], status: str) -> None:
+    """Attach the summary report (metrics, curves, confusion matrix, judge scores, links) and close the run."""
+    client = tracking.mlflow.MlflowClient()
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    stage_runs = {r.data.tags.get("gptlab.stage", r.info.run_name): r.info.run_id for r in children}
+    tags = client.get_run(parent).data.tags
+    links = {
+        "pipeline run id": tags.get("gptlab.pipeline_run_id", "?"),
+        "git commit": tags.get("mlflow.source.git.commit", "?"),
+        "profile": tags.get("gptlab.profile", "?"),
+        "DVC experiment": os.environ.get("DVC_EXP_NAME", "workspace (dvc repro)"),
+        "Prefect flow run": str(flow_run.id or "-"),
+        "MLflow parent run": parent,
+    }
+    markdown, page = report.build(root, stages, links, stage_runs)
+    client.log_text(parent, markdown, "pipeline_summary.md")
+    client.log_text(parent, page, "pipeline_summary.html")
+    for stage_name, values in report.key_metrics(root, stages).items():
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                client.log_metric(parent, f"{stage_name}.{key}", float(value))
+    client.set_terminated(parent, status)

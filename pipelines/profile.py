@@ -34,6 +34,25 @@ def activate(name: str, root: Path = ROOT) -> Path:
     return source
 
 
+def apply_overrides(overrides: list[str], root: Path = ROOT) -> None:
+    """Apply ``section.key.sub=value`` overrides to params.yaml (values parsed as YAML, like ``dvc exp run -S``)."""
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {item!r}: params.yaml has no section {part!r}")
+            node = node[part]
+        if last not in node:
+            raise ValueError(f"override {item!r}: params.yaml has no key {key!r}")
+        node[last] = yaml.safe_load(raw)
+    write_text(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="profile", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="profile to activate (omit to show the active one)")

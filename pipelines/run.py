@@ -1,6 +1,7 @@
 """``./run.sh pipeline``: run the whole pipeline (or up to one stage) as a Prefect flow over DVC.
 
-    python -m pipelines.run [--target STAGE] [--force] [--no-prefect]
+    python -m pipelines.run [--target STAGE] [--force] [--profile NAME] [--set-param SECTION.KEY=VALUE ...]
+                            [--no-prefect]
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the run; its database lives in
 ``.prefect/`` so ``PREFECT_HOME=.prefect prefect server start`` shows the runs afterwards. ``--no-prefect`` runs
@@ -26,11 +27,26 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rerun stages even if DVC says they are up to date"
     )
     parser.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`, no Prefect")
+    parser.add_argument("--profile", default=None, help="switch params.yaml to profiles/<PROFILE>.yaml first")
+    parser.add_argument(
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a param (repeatable)",
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("GPTLAB_PIPELINE_RUN_ID", f"run-{uuid.uuid4().hex[:12]}")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if args.no_prefect:
+        if args.profile or args.set_param:
+            from pipelines.profile import activate, apply_overrides
+
+            if args.profile:
+                activate(args.profile, ROOT)
+            if args.set_param:
+                apply_overrides(args.set_param, ROOT)
         cmd = (
             [sys.executable, "-m", "dvc", "repro"]
             + ([args.target] if args.target else [])
@@ -41,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.flow import pipeline  # after PREFECT_HOME: Prefect reads settings at import
 
     try:
-        results = pipeline(root=str(ROOT), target=args.target, force=args.force)
+        results = pipeline(
+            root=str(ROOT),
+            target=args.target,
+            force=args.force,
+            profile=args.profile,
+            set_params=args.set_param,
+        )
     except (RuntimeError, ValueError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2

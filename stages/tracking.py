@@ -96,32 +96,79 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def pipeline_run_id() -> str:
-    """The id grouping this pipeline execution's stage runs; a stage run alone gets its own."""
+    """The id grouping this pipeline execution's stage runs.
+
+    Set by the Prefect flow / ``./run.sh pipeline``; under ``dvc exp run`` it is derived from the experiment's
+    name (DVC exports ``DVC_EXP_NAME`` to every stage); a stage run alone gets its own.
+    """
     run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID")
     if not run_id:
-        run_id = f"adhoc-{uuid.uuid4().hex[:12]}"
+        exp = os.environ.get("DVC_EXP_NAME")
+        run_id = f"exp-{exp}" if exp else f"adhoc-{uuid.uuid4().hex[:12]}"
         os.environ["GPTLAB_PIPELINE_RUN_ID"] = run_id
     return run_id
+
+
+def run_tags(root: Path | None = None) -> dict[str, str]:
+    """Tags shared by a pipeline execution's parent run and all its stage runs."""
+    root = root or Path.cwd()
+    tags = {
+        "gptlab.pipeline_run_id": pipeline_run_id(),
+        "mlflow.source.git.commit": git_commit(root),
+        "gptlab.profile": str(read_params(root / "params.yaml").get("profile", "custom")),
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("GPTLAB_PREFECT_FLOW_RUN_ID"):
+        tags["prefect.flow_run_id"] = os.environ["GPTLAB_PREFECT_FLOW_RUN_ID"]
+    return tags
+
+
+def parent_run_id(experiment_id: str) -> str:
+    """The MLflow run of this pipeline execution that stage runs nest under (created on first use).
+
+    The Prefect flow creates it up front and exports ``GPTLAB_MLFLOW_PARENT_RUN_ID``; otherwise (``dvc exp run``,
+    plain ``dvc repro``) the first stage creates it and later stages find it by the pipeline-run-id tag.
+    """
+    if os.environ.get("GPTLAB_MLFLOW_PARENT_RUN_ID"):
+        return os.environ["GPTLAB_MLFLOW_PARENT_RUN_ID"]
+    rid = pipeline_run_id()
+    found = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`gptlab.pipeline_run_id` = '{rid}' and tags.`gptlab.role` = 'pipeline'",
+        max_results=1,
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id, run_name=f"pipeline {rid}", tags={**run_tags(), "gptlab.role": "pipeline"}
+    )
+    return run.info.run_id
 
 
 @contextmanager
 def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one DVC stage, with its params section logged and the grouping tags set."""
     experiment_id = configure()
-    tags = {
-        "gptlab.stage": stage,
-        "dvc.stage": stage,
-        "gptlab.pipeline_run_id": pipeline_run_id(),
-        "mlflow.source.git.commit": git_commit(),
-        "gptlab.profile": str(read_params().get("profile", "custom")),
-    }
-    if os.environ.get("GPTLAB_PREFECT_FLOW_RUN_ID"):
-        tags["prefect.flow_run_id"] = os.environ["GPTLAB_PREFECT_FLOW_RUN_ID"]
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        flat = flatten(params)
-        # MLflow caps a param value at 6000 chars; long lists (prompts) are artifacts anyway.
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-        yield run
+    tags = {**run_tags(), "gptlab.stage": stage, "dvc.stage": stage, "gptlab.role": "stage"}
+    owned_by_flow = bool(os.environ.get("GPTLAB_MLFLOW_PARENT_RUN_ID"))
+    parent = parent_run_id(experiment_id)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, tags=tags, parent_run_id=parent
+        ) as run:
+            flat = flatten(params)
+            # MLflow caps a param value at 6000 chars; long lists (prompts) are artifacts anyway.
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            yield run
+        status = "FINISHED"
+    finally:
+        if not owned_by_flow:
+            # Without a flow nobody else closes the parent: it reflects the latest stage's outcome.
+            mlflow.MlflowClient().set_terminated(parent, status)
 
 
 def metrics_logger(prefix: str = "") -> Callable[[int, dict[str, float]], None]:

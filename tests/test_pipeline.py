@@ -126,9 +126,9 @@ def test_evaluate_without_a_judge_reports_reference_metrics(clone: Path, first_r
 
 def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
     client, runs = _runs(clone)
-    by_stage = {r.data.tags["gptlab.stage"]: r for r in runs}
+    by_stage = {r.data.tags["gptlab.stage"]: r for r in runs if r.data.tags.get("gptlab.role") == "stage"}
     assert sorted(by_stage) == sorted(STAGES)
-    assert len({r.data.tags["gptlab.pipeline_run_id"] for r in runs}) == 1
+    assert len({r.data.tags["gptlab.pipeline_run_id"] for r in by_stage.values()}) == 1
     commit = git("rev-parse", "HEAD", cwd=clone).strip()
     for stage, r in by_stage.items():
         assert r.info.status == "FINISHED"
@@ -157,6 +157,24 @@ def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
     assert pred["label"] in {"ham", "spam"} and 0.5 <= pred["probability"] <= 1.0
 
 
+def test_stage_runs_nest_under_a_parent_run_with_a_summary(clone: Path, first_run) -> None:
+    client, runs = _runs(clone)
+    parents = [r for r in runs if r.data.tags.get("gptlab.role") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["gptlab.profile"] == "sample"
+    stages = [r for r in runs if r.data.tags.get("gptlab.role") == "stage"]
+    assert len(stages) == len(STAGES)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages)
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"pipeline_summary.md", "pipeline_summary.html"} <= files
+    summary = (Path(client.download_artifacts(parent.info.run_id, "pipeline_summary.md"))).read_text()
+    for stage in STAGES:
+        assert f"### {stage}" in summary
+    assert "![spam classifier: test confusion matrix](plots/classify/confusion.png)" in summary
+    assert parent.data.metrics["classify.test_accuracy"] > 0.7
+
+
 def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
     _, before = _runs(clone)
     out = run(["./run.sh", "pipeline"], clone, clean_env(clone)).stdout
@@ -164,7 +182,9 @@ def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
     for stage in STAGES:
         assert f"{stage:<12} up to date" in out
     _, after = _runs(clone)
-    assert len(after) == len(before)
+    # No stage ran, so no stage run was logged; only the new execution's parent run (with its summary).
+    assert len([r for r in after if r.data.tags.get("gptlab.role") == "stage"]) == len(STAGES)
+    assert len(after) == len(before) + 1
 
 
 def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:

@@ -32,3 +32,18 @@ def test_switch_and_back(repo: Path) -> None:
 def test_unknown_profile_lists_choices(repo: Path) -> None:
     with pytest.raises(ValueError, match="available: book, sample"):
         profile.activate("huge", repo)
+
+
+def test_overrides_like_dvc_exp_run_set_param(repo: Path) -> None:
+    import yaml
+
+    profile.apply_overrides(
+        ["pretrain.train.lr=0.003", "classify.trainable=lora", "tokenize.workers=1"], repo
+    )
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["pretrain"]["train"]["lr"] == 0.003 and params["classify"]["trainable"] == "lora"
+    assert params["tokenize"]["workers"] == 1
+    with pytest.raises(ValueError, match="no key 'pretrain.train.learning_rate'"):
+        profile.apply_overrides(["pretrain.train.learning_rate=1"], repo)
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        profile.apply_overrides(["pretrain"], repo)

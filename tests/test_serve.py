@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -389,9 +391,41 @@ def test_client_disconnect_mid_stream_keeps_the_server_up(env, client: ollama.Cl
     assert client.generate("tiny", "Hello", options={"num_predict": 2}).eval_count == 2
 
 
-def test_requests_are_logged(env, client: ollama.Client) -> None:
-    client.list()
-    assert "GET /api/tags 200" in env["log"].getvalue().splitlines()[-1]
+def test_server_close_ends_generations_and_connections(env) -> None:
+    server = make_server({"tiny": env["root"] / "tiny"}, log=io.StringIO())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    served = server.models["tiny:latest"]
+    served.lock.acquire()  # hold the model so the request is surely mid-generation when the server closes
+    body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert s.recv(15) == b"HTTP/1.1 200 OK"
+        server.shutdown()
+        closer = threading.Thread(target=server.server_close)
+        closer.start()
+        while not server.stopping.is_set():
+            time.sleep(0.01)
+        served.lock.release()
+        closer.join(timeout=10)
+        assert not closer.is_alive() and not server._connections
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert b'{"error": "the server is shutting down"}' in rest and rest.endswith(b"0\r\n\r\n")
+    thread.join(timeout=10)
+
+
+def test_requests_are_logged(env) -> None:
+    # A handler logs after its response is sent, so the line may land a moment after the client has it.
+    assert _http(env, "GET", "/api/tags?probe=logged")[0] == 200
+    deadline = time.monotonic() + 5
+    while "GET /api/tags?probe=logged 200 " not in env["log"].getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    line = next(x for x in env["log"].getvalue().splitlines() if "probe=logged" in x)
+    assert re.search(r"127\.0\.0\.1 GET /api/tags\?probe=logged 200 \d+\.\d{3}s$", line)
 
 
 # ----------------------------------------------------------------------------------- prompts and decoding

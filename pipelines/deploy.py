@@ -1,0 +1,262 @@
+"""Scheduled deployment of the ``gptlab-pipeline`` flow (nightly ``dvc repro``, stage by stage, through Prefect).
+
+Single machine (the default: no Docker, no Kubernetes). In every shell, from the repo root::
+
+    source .venv/bin/activate
+    export PREFECT_HOME=$PWD/.prefect PREFECT_API_URL=http://127.0.0.1:4200/api
+
+    prefect server start                    # shell 1: API + UI on http://127.0.0.1:4200 (keep it running)
+    python -m pipelines.deploy serve        # shell 2: registers gptlab-pipeline/gptlab-nightly (03:00 UTC daily)
+                                            #          and runs its flow runs in this process, one at a time
+    prefect deployment run 'gptlab-pipeline/gptlab-nightly'   # shell 3: a run now (or "Run" on its UI page)
+
+Options (same for ``serve`` and ``register``): ``--name gptlab-nightly --cron "0 3 * * *" --timezone UTC
+--target STAGE --profile sample|book --set-param section.key=value`` (repeatable, as ``dvc exp run -S``), and
+``--api-url`` (default: ``PREFECT_API_URL``, else http://127.0.0.1:4200/api). ``serve --limit 1`` caps the flow
+runs this process executes at once. Stopping ``serve`` (Ctrl-C) pauses the schedule, so no runs pile up as
+"Late" while nothing executes them; starting it again resumes it.
+
+With a work pool and a worker instead of ``serve`` (same deployment, the flow code is read from this checkout)::
+
+    prefect work-pool create gptlab --type process
+    python -m pipelines.deploy register --pool gptlab      # same options as serve (except --limit)
+    prefect worker start --pool gptlab --limit 1           # executes the runs; keep it running
+    prefect deployment run 'gptlab-pipeline/gptlab-nightly'
+
+``prefect deploy -n gptlab-nightly`` (repo root) creates the same deployment from ``prefect.yaml`` (for the
+``gptlab`` process pool; ``tests/test_deploy.py`` checks the two agree).
+
+Docker or Kubernetes: nothing here changes but the pool and where the code lives. Build an image yourself
+(this module builds none) that copies the repo to ``/opt/prefect`` and ``pip install -e ".[pipeline]"``'s it,
+create ``prefect work-pool create gptlab-docker --type docker`` (``pip install prefect-docker``) or
+``--type kubernetes`` (``prefect-kubernetes``), and deploy from ``prefect.yaml`` with that pool and image::
+
+    prefect deploy -n gptlab-nightly --pool gptlab-docker --job-variable image=gptlab:latest
+
+(``root: "."`` in ``prefect.yaml`` resolves in the image's working directory; ``register`` instead pins this
+checkout's absolute path, which only a process worker on this machine can use.) Then ``prefect worker start
+--pool gptlab-docker``. The pipeline's stores (``mlflow.db``, DVC cache) must then live on a volume or behind
+``MLFLOW_TRACKING_URI`` / a DVC remote, or each container starts from scratch.
+
+Seeing runs: http://127.0.0.1:4200 -> Deployments -> gptlab-nightly (schedule, upcoming and past runs), each flow
+run with one task run per DVC stage, its logs (the stage's own output) and the metrics artifacts; the MLflow
+parent run of each execution is linked in the run's summary (``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
+
+Failures: a stage's task fails with the stage's one-line error (``stage X failed (dvc exit N): X: error: ...``),
+the flow run goes Failed and its MLflow parent run is closed as FAILED with the summary of what did run. The
+download task retries twice, 5 s apart (the only stage that talks to the network). Runs of this deployment never
+overlap: ``concurrency_limit=1`` (collision strategy ENQUEUE) queues a run triggered while another is active
+until that one ends (``serve --limit 1`` / ``worker --limit 1`` also keep each executor to one). A manual
+``dvc repro`` or ``./run.sh pipeline`` in the same checkout at the same time is not covered by that: the run's
+next stage then fails with DVC's ``ERROR: Unable to acquire lock. ...`` as its task error; trigger it again.
+To be told about failures, attach an automation: UI -> Automations -> "+" -> trigger "Flow run state", flow
+``gptlab-pipeline``, states Failed and Crashed -> action "Send a notification" (a Slack webhook / email block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW_NAME = "gptlab-pipeline"
+ENTRYPOINT = "pipelines/flow.py:pipeline"
+DEFAULT_NAME = "gptlab-nightly"
+DEFAULT_CRON = "0 3 * * *"
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+CONCURRENCY_LIMIT = 1
+"""One active run per deployment: two ``dvc repro`` in one checkout would fight over DVC's lock and outputs."""
+TAGS = ["gptlab", "dvc"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipelines.deploy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="register the deployment and execute its runs in this process")
+    register = sub.add_parser("register", help="register the deployment for a work pool (a worker runs it)")
+    register.add_argument("--pool", required=True, help="work pool name (prefect work-pool create NAME ...)")
+    serve.add_argument(
+        "--limit", type=int, default=1, help="most flow runs this process executes at once (default 1)"
+    )
+    for p in (serve, register):
+        p.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default {DEFAULT_NAME})")
+        p.add_argument("--cron", default=DEFAULT_CRON, help=f"schedule (default {DEFAULT_CRON!r})")
+        p.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="IANA timezone of the cron schedule")
+        p.add_argument("--target", default=None, help="run only up to this DVC stage")
+        p.add_argument("--profile", default=None, help="switch params.yaml to profiles/<profile>.yaml first")
+        p.add_argument(
+            "--set-param",
+            action="append",
+            default=None,
+            metavar="SECTION.KEY=VALUE",
+            help="params.yaml override applied at each run (repeatable)",
+        )
+        p.add_argument("--api-url", default=None, help="Prefect API (default: PREFECT_API_URL, else 4200)")
+    return parser.parse_args(argv)
+
+
+def validate(args: argparse.Namespace, root: Path = ROOT) -> None:
+    """Reject what would only fail at 03:00: an unknown profile, stage or malformed override."""
+    from pipelines.profile import available
+
+    if args.profile is not None and args.profile not in available(root):
+        raise ValueError(f"unknown profile {args.profile!r}; available: {', '.join(available(root))}")
+    for item in args.set_param or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise ValueError(f"--set-param {item!r}: expected section.key=value")
+    if args.target is not None:
+        from pipelines.flow import dvc_stages
+
+        dvc_stages(root, args.target)  # raises ValueError naming the stages dvc.yaml has
+    if getattr(args, "limit", 1) < 1:
+        raise ValueError("--limit must be at least 1")
+
+
+def flow_parameters(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
+    """The flow's parameters, all spelled out so the deployment's page shows exactly what a run does."""
+    return {
+        "root": str(root),
+        "target": args.target,
+        "force": False,  # DVC's cache decides what reruns; forcing nightly would retrain everything
+        "profile": args.profile,
+        "set_params": list(args.set_param) if args.set_param else None,
+    }
+
+
+def deployment_options(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
+    """Options shared by ``to_deployment`` (serve) and ``deploy`` (work pool): one definition, two executors."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    return {
+        # Cron() rather than cron=...: only a Schedule object carries a timezone.
+        "schedules": [Cron(args.cron, timezone=args.timezone)],
+        "parameters": flow_parameters(args, root),
+        # ENQUEUE (Prefect's default, spelled out): an overlapping run waits for the active one, never dropped.
+        "concurrency_limit": ConcurrencyLimitConfig(
+            limit=CONCURRENCY_LIMIT, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        "description": f"gptlab pipeline (dvc repro stage by stage) in {root}",
+        "tags": TAGS,
+    }
+
+
+def build_deployment(args: argparse.Namespace, root: Path = ROOT) -> RunnerDeployment:
+    """The served deployment, built offline (nothing is sent to the API until it is served)."""
+    from pipelines.flow import pipeline
+
+    return pipeline.to_deployment(args.name, **deployment_options(args, root))
+
+
+def resolve_api_url(explicit: str | None) -> str:
+    """``--api-url``, else the configured ``PREFECT_API_URL`` (env or profile), else the local default server.
+
+    Without any, Prefect would start a throw-away server for this process only: the deployment would vanish with
+    it and ``prefect deployment run`` in another shell could never reach it.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = explicit or PREFECT_API_URL.value() or DEFAULT_API_URL
+    return url.rstrip("/")
+
+
+def check_server(api_url: str, timeout: float = 5.0) -> None:
+    """Fail in one line when no server answers, instead of Prefect's retries and traceback."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(
+            f"no Prefect server at {api_url} ({reason}); start one with `prefect server start` "
+            "or point --api-url / PREFECT_API_URL at yours"
+        ) from None
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.removesuffix("/api")
+
+
+def next_steps(api_url: str, name: str, deployment_id: object, executor: str) -> str:
+    full = f"{FLOW_NAME}/{name}"
+    return "\n".join(
+        [
+            f"deployment {full!r} registered at {api_url} (id {deployment_id})",
+            f"  runs are executed by: {executor}",
+            f"  trigger a run now:    PREFECT_API_URL={api_url} prefect deployment run '{full}'",
+            f"  see it in the UI:     {ui_url(api_url)}/deployments/deployment/{deployment_id}",
+        ]
+    )
+
+
+def serve(args: argparse.Namespace, api_url: str) -> int:
+    from prefect.runner import Runner
+
+    deployment = build_deployment(args)
+    # Runner rather than prefect.serve(): same thing, but the deployment id is known before we block, so the
+    # message below says where it registered.
+    runner = Runner(name=f"gptlab-{args.name}", limit=args.limit, pause_on_shutdown=True)
+    deployment_id = runner.add_deployment(deployment)
+    print(
+        next_steps(api_url, args.name, deployment_id, f"this process (pid {os.getpid()}, limit {args.limit})")
+    )
+    print("serving; Ctrl-C stops (and pauses the schedule)", flush=True)
+    import asyncio
+
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        print("stopped; the schedule is paused until the next `serve`")
+    return 0
+
+
+def register(args: argparse.Namespace, api_url: str) -> int:
+    from prefect import flow
+
+    # from_source: the worker loads the flow from this checkout (a process pool on this machine).
+    source_flow = flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINT)
+    deployment_id = source_flow.deploy(
+        args.name,
+        work_pool_name=args.pool,
+        build=False,  # no image: a process worker runs in this checkout's venv
+        push=False,
+        print_next_steps=False,
+        **deployment_options(args),
+    )
+    print(next_steps(api_url, args.name, deployment_id, f"a worker: prefect worker start --pool {args.pool}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Same conventions as pipelines.run: the repo root as cwd (the flow's entrypoint is relative to it) and the
+    # repo's own Prefect home; both before Prefect is imported, as it reads its settings at import.
+    os.chdir(ROOT)
+    os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        validate(args)
+        api_url = resolve_api_url(args.api_url)
+        check_server(api_url)
+    except (ValueError, ConnectionError) as exc:
+        print(f"deploy: error: {exc}", file=sys.stderr)
+        return 2
+    # The env var too: flow-run subprocesses and `dvc repro` children must talk to the same server.
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return serve(args, api_url) if args.command == "serve" else register(args, api_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

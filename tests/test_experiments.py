@@ -1,0 +1,164 @@
+"""Comparing runs: two pipeline executions with different params and a `dvc exp run --queue` sweep, all
+logged to a real `mlflow server` (SQLite backend, loopback) and checked over its REST API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from clones import clean_env, make_clone, run, set_params
+from test_flow import TINY
+
+pytestmark = pytest.mark.slow
+UPSTREAM = ["download", "tokenize", "pretrain", "base_model"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _api(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+
+def _search(url: str, experiment_id: str, filter_string: str) -> list[dict]:
+    return _api(
+        url, "runs/search", {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 500}
+    ).get("runs", [])
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _params(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    root = make_clone(tmp_path_factory.mktemp("exp") / "gptlab")
+    set_params(root, TINY)
+    from clones import git
+
+    git("commit", "-qam", "tiny params", cwd=root)
+    return root
+
+
+def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, clone: Path) -> None:
+    env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["./run.sh", "pipeline", "--target", "base_model"], clone, env)
+    run(
+        ["./run.sh", "pipeline", "--target", "base_model", "--set-param", "pretrain.train.lr=0.002"],
+        clone,
+        env,
+    )
+    run(["git", "checkout", "params.yaml"], clone, env)
+
+    exp_id = _api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")["experiment"][
+        "experiment_id"
+    ]
+    parents = _search(mlflow_server, exp_id, "tags.`gptlab.role` = 'pipeline'")
+    assert len(parents) == 2
+    children = {}
+    for parent in parents:
+        rid = parent["info"]["run_id"]
+        kids = _search(mlflow_server, exp_id, f"tags.`mlflow.parentRunId` = '{rid}'")
+        children[rid] = {_tags(k)["gptlab.stage"]: k for k in kids}
+        assert all(
+            _tags(k)["gptlab.pipeline_run_id"] == _tags(parent)["gptlab.pipeline_run_id"] for k in kids
+        )
+        assert _tags(parent)["prefect.flow_run_id"]
+    first, second = sorted(children.values(), key=len, reverse=True)
+    assert sorted(first) == sorted(UPSTREAM)  # everything ran the first time
+    assert sorted(second) == ["base_model", "pretrain"]  # only what the lr change invalidates
+    assert (
+        _params(first["pretrain"])["train.lr"] == "0.001"
+        and _params(second["pretrain"])["train.lr"] == "0.002"
+    )
+    losses = [
+        {m["key"]: m["value"] for m in run["data"]["metrics"]}["final_val_loss"]
+        for run in (first["pretrain"], second["pretrain"])
+    ]
+    assert losses[0] != losses[1]
+
+
+def test_dvc_exp_queue_sweep_is_listed_and_tracked(mlflow_server: str, clone: Path) -> None:
+    env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server)
+    for lr in ("0.003", "0.004"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"pretrain.train.lr={lr}", "pretrain"], clone, env)
+    run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], clone, env, timeout=900)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], clone, env).stdout)
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    lrs = set()
+    for exp in exps:
+        for e in exp.get("revs", []):
+            data = e.get("data") or {}
+            lr = (
+                data.get("params", {})
+                .get("params.yaml", {})
+                .get("data", {})
+                .get("pretrain", {})
+                .get("train", {})
+                .get("lr")
+            )
+            metrics = data.get("metrics", {}).get("metrics/pretrain.json", {}).get("data", {})
+            if lr is not None and metrics:
+                lrs.add(lr)
+                assert "val_loss" in metrics
+    assert {0.003, 0.004} <= lrs
+
+    exp_id = _api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")["experiment"][
+        "experiment_id"
+    ]
+    tagged = _search(mlflow_server, exp_id, "tags.`dvc.exp_name` != '' and tags.`gptlab.stage` = 'pretrain'")
+    assert {_params(r)["train.lr"] for r in tagged} >= {"0.003", "0.004"}
+    names = {_tags(r)["dvc.exp_name"] for r in tagged}
+    assert len(names) >= 2
+    for r in tagged:  # each experiment's stages nest under that experiment's parent run
+        parent = _api(mlflow_server, f"runs/get?run_id={_tags(r)['mlflow.parentRunId']}")["run"]
+        assert _tags(parent)["gptlab.pipeline_run_id"] == f"exp-{_tags(r)['dvc.exp_name']}"
