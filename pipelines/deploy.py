@@ -56,6 +56,7 @@ To be told about failures, attach an automation: UI -> Automations -> "+" -> tri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import urllib.error
@@ -76,6 +77,7 @@ DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 CONCURRENCY_LIMIT = 1
 """One active run per deployment: two ``dvc repro`` in one checkout would fight over DVC's lock and outputs."""
 TAGS = ["gptlab", "dvc"]
+DESCRIPTION = "gptlab pipeline: dvc repro, stage by stage"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,7 +148,7 @@ def deployment_options(args: argparse.Namespace, root: Path = ROOT) -> dict[str,
         "concurrency_limit": ConcurrencyLimitConfig(
             limit=CONCURRENCY_LIMIT, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
-        "description": f"gptlab pipeline (dvc repro stage by stage) in {root}",
+        "description": DESCRIPTION,
         "tags": TAGS,
     }
 
@@ -200,24 +202,42 @@ def next_steps(api_url: str, name: str, deployment_id: object, executor: str) ->
 
 
 def serve(args: argparse.Namespace, api_url: str) -> int:
+    import asyncio
+
     from prefect.runner import Runner
 
     deployment = build_deployment(args)
-    # Runner rather than prefect.serve(): same thing, but the deployment id is known before we block, so the
-    # message below says where it registered.
+    # Runner rather than prefect.serve(): the same loop, but the deployment id is known before it blocks, so the
+    # message below can say where it registered. pause_on_shutdown: no 03:00 runs pile up while nobody serves.
     runner = Runner(name=f"gptlab-{args.name}", limit=args.limit, pause_on_shutdown=True)
     deployment_id = runner.add_deployment(deployment)
     print(
         next_steps(api_url, args.name, deployment_id, f"this process (pid {os.getpid()}, limit {args.limit})")
     )
-    print("serving; Ctrl-C stops (and pauses the schedule)", flush=True)
-    import asyncio
-
-    try:
+    print("serving; Ctrl-C stops it (and pauses the schedule)", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGTERM is handled by the runner itself, gracefully
         asyncio.run(runner.start())
-    except KeyboardInterrupt:
-        print("stopped; the schedule is paused until the next `serve`")
+    print("stopped; the schedule stays paused until the next `serve`")
     return 0
+
+
+def check_pool(name: str) -> None:
+    """``register`` pins this checkout's path, which only a process worker on this machine can use."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            raise ValueError(
+                f"no work pool {name!r}; create it: prefect work-pool create {name} --type process"
+            ) from None
+    if pool.type != "process":
+        raise ValueError(
+            f"work pool {name!r} is of type {pool.type!r}; `register` deploys this checkout for a process pool. "
+            "For docker/kubernetes use `prefect deploy` with prefect.yaml (see `pydoc pipelines.deploy`)"
+        )
 
 
 def register(args: argparse.Namespace, api_url: str) -> int:
@@ -230,7 +250,8 @@ def register(args: argparse.Namespace, api_url: str) -> int:
         work_pool_name=args.pool,
         build=False,  # no image: a process worker runs in this checkout's venv
         push=False,
-        print_next_steps=False,
+        print_next_steps=False,  # ours below name the worker command
+        ignore_warnings=True,  # Prefect's "try .serve() instead" hint: serve is the other subcommand
         **deployment_options(args),
     )
     print(next_steps(api_url, args.name, deployment_id, f"a worker: prefect worker start --pool {args.pool}"))
@@ -255,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     # The env var too: flow-run subprocesses and `dvc repro` children must talk to the same server.
     os.environ["PREFECT_API_URL"] = api_url
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return serve(args, api_url) if args.command == "serve" else register(args, api_url)
+        if args.command == "serve":
+            return serve(args, api_url)
+        try:
+            check_pool(args.pool)
+        except ValueError as exc:
+            print(f"deploy: error: {exc}", file=sys.stderr)
+            return 2
+        return register(args, api_url)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,12 @@ TINY = {
         "sample_max_new_tokens": 3,
     },
     "base_model": {"eval_batches": 1},
-    "classify": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}},
+    # LoRA kept separate exercises the adapter save/load path end to end.
+    "classify": {
+        "trainable": "lora",
+        "lora": {"merge": False},
+        "train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100},
+    },
     "sft": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}, "max_new_tokens": 2},
     "dpo": {"train": {"epochs": 1, "eval_interval": 100}, "max_new_tokens": 2},
 }

@@ -500,6 +500,12 @@ def test_text_filter_stop_strings_and_alpaca_header(gpt2_tiktoken_file: Path) ->
     assert "".join(_pieces(f, encode("\n### Response:\n  Blue.\n"))[0]) == "Blue.\n"
     f = TextFilter(enc, strip_leading=True, header="### Response:")
     assert "".join(_pieces(f, encode(" ### Resp"))[0]) == "### Resp"
+    # Plain chat: stop strings see the text before leading whitespace is dropped.
+    chat_stops = ["\nuser:", "\nassistant:", "\nsystem:"]
+    pieces, stopped = _pieces(TextFilter(enc, chat_stops, strip_leading=True), encode("\nuser: hi"))
+    assert stopped and "".join(pieces) == ""
+    pieces, stopped = _pieces(TextFilter(enc, chat_stops, strip_leading=True), encode("  Hello!\nuser: hi"))
+    assert stopped and "".join(pieces) == "Hello!"
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

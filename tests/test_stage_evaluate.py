@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from gptlab.judge import JudgeUnavailableError
+from gptlab.checkpoint import save_checkpoint
+from gptlab.config import GPTConfig
+from gptlab.judge import JudgeUnavailableError, JudgmentCache
+from gptlab.model import GPT
+from gptlab.serve import make_server
 from stages.evaluate import EvaluateParams, JudgeParams, evaluate, response_sets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +122,43 @@ def test_stage_cli_required_judge_one_line_exit_2(tmp_path) -> None:
         and "ollama serve" in last
     )
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.fixture
+def judge_server(tmp_path):
+    """`gptlab serve` on a free loopback port with a small random checkpoint as the "judge" model."""
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig.from_name("gpt-micro", n_layer=1)), tmp_path / "judge")
+    log = io.StringIO()
+    server = make_server({"judge": tmp_path / "judge"}, port=0, log=log)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", log
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_judge_through_gptlab_serve_with_cache(judge_server, tmp_path) -> None:
+    host, log = judge_server
+    # gptlab serve cannot constrain output to a JSON schema, so it is asked for plain text as the book does.
+    params = EvaluateParams(
+        judge=JudgeParams(host=host, model="judge", use_schema=False, timeout=60, concurrency=2)
+    )
+    sets = response_sets(*_records())
+    metrics, table = evaluate(sets, params, tmp_path / "cache.jsonl")
+    assert metrics["judge_status"] == "ok" and metrics["judge_model"] == "judge"
+    for name, expected in (("sft", 3), ("sft_on_preference", 2), ("dpo", 2)):
+        m = metrics["models"][name]
+        # A random model rarely answers with a number: whatever it says is scored or counted, never dropped.
+        assert m["n"] == expected and m["scored"] + m["unparsed"] == expected and m["cached"] == 0
+    assert metrics["sft_vs_dpo"]["compared"] + metrics["sft_vs_dpo"]["skipped"] == 2
+    assert len(table) == 7 and table["judge_reply"].notna().all()
+    asked = log.getvalue().count("/api/generate")
+    assert asked >= 7  # one request per record, plus one re-ask per unparsable reply
+    assert len(JudgmentCache(tmp_path / "cache.jsonl")) == 7
+
+    again, table2 = evaluate(sets, params, tmp_path / "cache.jsonl")
+    assert log.getvalue().count("/api/generate") == asked  # the rerun asked nothing
+    assert all(again["models"][n]["cached"] == again["models"][n]["n"] for n in again["models"])
+    assert table2["score"].equals(table["score"])
