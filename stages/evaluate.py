@@ -31,7 +31,7 @@ from gptlab.judge import (
 )
 from gptlab.textmetrics import exact_match, rouge_l_f1
 from stages import tracking
-from stages.common import stage_main
+from stages.common import figure, stage_main
 from stages.params import load_section
 
 
@@ -119,28 +119,23 @@ def _opt(value) -> int | None:
 
 def plot_scores(table: pd.DataFrame, path: Path) -> None:
     """Histogram of judge scores per model (an explanatory placeholder figure when nothing was scored)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    scored = table.dropna(subset=["score"])
-    if scored.empty:
-        ax.text(
-            0.5, 0.5, "no judge scores\n(judge unreachable or no parsable replies)", ha="center", va="center"
-        )
-        ax.set_axis_off()
-    else:
+    with figure(path, title="LLM-judge score distribution") as ax:
+        scored = table.dropna(subset=["score"])
+        if scored.empty:
+            ax.text(
+                0.5,
+                0.5,
+                "no judge scores\n(judge unreachable or no parsable replies)",
+                ha="center",
+                va="center",
+            )
+            ax.set_axis_off()
+            return
         for name, group in scored.groupby("model"):
             ax.hist(group["score"].astype(int), bins=range(0, 105, 5), alpha=0.5, label=name)
         ax.set_xlabel("judge score (0-100)")
         ax.set_ylabel("responses")
         ax.legend()
-    ax.set_title("LLM-judge score distribution")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
 
 @stage_main("evaluate")
