@@ -19,7 +19,7 @@ runs this process executes at once. Stopping ``serve`` (Ctrl-C) pauses the sched
 With a work pool and a worker instead of ``serve`` (same deployment, the flow code is read from this checkout)::
 
     prefect work-pool create gptlab --type process
-    python -m pipelines.deploy register --pool gptlab      # same options as serve (except --limit)
+    python -m pipelines.deploy register --pool gptlab      # serve's options (except --limit)
     prefect worker start --pool gptlab --limit 1           # executes the runs; keep it running
     prefect deployment run 'gptlab-pipeline/gptlab-nightly'
 
@@ -27,7 +27,8 @@ With a work pool and a worker instead of ``serve`` (same deployment, the flow co
 ``gptlab`` process pool; ``tests/test_deploy.py`` checks the two agree).
 
 Docker or Kubernetes: nothing here changes but the pool and where the code lives. Build an image yourself
-(this module builds none) that copies the repo to ``/opt/prefect`` and ``pip install -e ".[pipeline]"``'s it,
+(this module builds none) that copies the repo to ``/opt/prefect`` (where ``prefect deploy`` expects a job
+image's code unless told otherwise) and runs ``pip install -e ".[pipeline]"`` there,
 create ``prefect work-pool create gptlab-docker --type docker`` (``pip install prefect-docker``) or
 ``--type kubernetes`` (``prefect-kubernetes``), and deploy from ``prefect.yaml`` with that pool and image::
 
@@ -39,8 +40,8 @@ checkout's absolute path, which only a process worker on this machine can use.) 
 ``MLFLOW_TRACKING_URI`` / a DVC remote, or each container starts from scratch.
 
 Seeing runs: http://127.0.0.1:4200 -> Deployments -> gptlab-nightly (schedule, upcoming and past runs), each flow
-run with one task run per DVC stage, its logs (the stage's own output) and the metrics artifacts; the MLflow
-parent run of each execution is linked in the run's summary (``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
+run with one task run per DVC stage, its logs (the stage's own output) and the metrics artifacts. The MLflow runs
+of an execution carry its id as tag ``prefect.flow_run_id`` (``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
 
 Failures: a stage's task fails with the stage's one-line error (``stage X failed (dvc exit N): X: error: ...``),
 the flow run goes Failed and its MLflow parent run is closed as FAILED with the summary of what did run. The
@@ -74,6 +75,7 @@ DEFAULT_NAME = "gptlab-nightly"
 DEFAULT_CRON = "0 3 * * *"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+DEFAULT_POOL = "gptlab"
 CONCURRENCY_LIMIT = 1
 """One active run per deployment: two ``dvc repro`` in one checkout would fight over DVC's lock and outputs."""
 TAGS = ["gptlab", "dvc"]
@@ -85,7 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="register the deployment and execute its runs in this process")
     register = sub.add_parser("register", help="register the deployment for a work pool (a worker runs it)")
-    register.add_argument("--pool", required=True, help="work pool name (prefect work-pool create NAME ...)")
+    register.add_argument(
+        "--pool",
+        default=DEFAULT_POOL,
+        help=f"a process work pool (default {DEFAULT_POOL}, as in prefect.yaml)",
+    )
     serve.add_argument(
         "--limit", type=int, default=1, help="most flow runs this process executes at once (default 1)"
     )
@@ -117,9 +123,16 @@ def validate(args: argparse.Namespace, root: Path = ROOT) -> None:
         if not sep or not key or "." not in key:
             raise ValueError(f"--set-param {item!r}: expected section.key=value")
     if args.target is not None:
+        from dvc.exceptions import DvcException
+
         from pipelines.flow import dvc_stages
 
-        dvc_stages(root, args.target)  # raises ValueError naming the stages dvc.yaml has
+        # From the root: DVC names stages relative to the cwd, and the flow runs from the root.
+        try:
+            with contextlib.chdir(root):
+                dvc_stages(root, args.target)  # ValueError naming the stages dvc.yaml has
+        except DvcException as exc:  # no DVC repo, a broken dvc.yaml/dvc.lock: one line too
+            raise ValueError(f"dvc: {exc}") from exc
     if getattr(args, "limit", 1) < 1:
         raise ValueError("--limit must be at least 1")
 
@@ -157,7 +170,9 @@ def build_deployment(args: argparse.Namespace, root: Path = ROOT) -> RunnerDeplo
     """The served deployment, built offline (nothing is sent to the API until it is served)."""
     from pipelines.flow import pipeline
 
-    return pipeline.to_deployment(args.name, **deployment_options(args, root))
+    # The entrypoint is recorded relative to the cwd (pipelines/flow.py:pipeline): make that the repo root.
+    with contextlib.chdir(ROOT):
+        return pipeline.to_deployment(args.name, **deployment_options(args, root))
 
 
 def resolve_api_url(explicit: str | None) -> str:

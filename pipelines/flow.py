@@ -123,9 +123,9 @@ def pipeline(
     if set_params:
         apply_overrides(set_params, root_path)
     run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID") or f"prefect-{flow_run.id or uuid.uuid4().hex[:12]}"
-    stages = dvc_stages(root_path, target)
     env = {"GPTLAB_PIPELINE_RUN_ID": run_id, "GPTLAB_PREFECT_FLOW_RUN_ID": str(flow_run.id or "")}
     with contextlib.chdir(root_path), _environ(env):
+        stages = dvc_stages(root_path, target)  # inside the root: DVC names stages relative to the cwd
         parent = tracking.parent_run_id(tracking.configure())
         results: list[dict[str, Any]] = []
         status = "FAILED"

@@ -1,0 +1,438 @@
+"""The scheduled deployment (pipelines/deploy.py, prefect.yaml) against a real Prefect server.
+
+The fast tests build the deployment offline. The end-to-end ones start ``prefect server start`` (temporary home,
+free port) and, in a fresh clone with tiny params, ``python -m pipelines.deploy serve`` as a subprocess; they read
+the deployment back through the client, trigger runs and check what the runs did, in Prefect and in MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+from clones import REPO, clean_env, make_clone, set_params
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, FlowRun, TaskRun
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from test_flow import STAGES, TINY
+
+from pipelines import deploy
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SERVED = "test-deploy"
+# Fewer optimizer steps in the three fine-tuning stages (TINY still runs a full epoch there), passed the way a
+# user would vary a scheduled run: as --set-param overrides the flow applies at each run.
+FAST = [
+    f"{stage}.train.{key}={value}"
+    for stage in ("classify", "sft", "dpo")
+    for key, value in (("epochs", "null"), ("max_steps", "2"), ("eval_batches", "1"))
+]
+
+
+# ---------------------------------------------------------------- offline: arguments -> deployment object
+
+
+def test_defaults_build_the_nightly_deployment() -> None:
+    args = deploy.parse_args(["serve"])
+    assert (args.name, args.cron, args.timezone, args.limit) == ("gptlab-nightly", "0 3 * * *", "UTC", 1)
+    dep = deploy.build_deployment(args)
+    assert (dep.flow_name, dep.name, dep.entrypoint) == (
+        "gptlab-pipeline",
+        "gptlab-nightly",
+        deploy.ENTRYPOINT,
+    )
+    ((schedule,),) = [[s.schedule for s in dep.schedules]]
+    assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "UTC")
+    assert dep.concurrency_limit == 1
+    assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert dep.parameters == {
+        "root": str(REPO),
+        "target": None,
+        "force": False,
+        "profile": None,
+        "set_params": None,
+    }
+    assert dep.work_pool_name is None  # served: no pool, no worker
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone for the checks that open the DVC repo (tests never touch the working tree's DVC state)."""
+    return make_clone(tmp_path_factory.mktemp("offline") / "gptlab")
+
+
+def test_options_reach_schedule_and_parameters(checkout: Path) -> None:
+    argv = ["register", "--name", "n", "--cron", "*/5 * * * *", "--timezone", "Europe/Berlin"]
+    argv += ["--target", "tokenize", "--profile", "book", "--set-param", "a.b=1", "--set-param", "c.d=x y"]
+    args = deploy.parse_args(argv)
+    assert args.pool == deploy.DEFAULT_POOL
+    deploy.validate(args, checkout)
+    options = deploy.deployment_options(args, Path("/somewhere"))
+    assert (options["schedules"][0].cron, options["schedules"][0].timezone) == (
+        "*/5 * * * *",
+        "Europe/Berlin",
+    )
+    assert options["parameters"] == {
+        "root": "/somewhere",
+        "target": "tokenize",
+        "force": False,
+        "profile": "book",
+        "set_params": ["a.b=1", "c.d=x y"],
+    }
+    assert options["concurrency_limit"].limit == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--profile", "huge"], r"unknown profile 'huge'; available: book, sample"),
+        (["serve", "--set-param", "lr=1"], r"--set-param 'lr=1': expected section.key=value"),
+        (["register", "--set-param", "pretrain.lr"], r"expected section.key=value"),
+        (["serve", "--target", "train"], r"unknown stage 'train'; dvc.yaml has: download, tokenize"),
+        (["serve", "--limit", "0"], r"--limit must be at least 1"),
+    ],
+)
+def test_invalid_options_fail_at_registration_not_at_run_time(
+    argv: list[str], message: str, checkout: Path
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        deploy.validate(deploy.parse_args(argv), checkout)
+
+
+def test_no_server_is_one_line_error(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.deploy", "serve", "--api-url", f"http://127.0.0.1:{port}/api"],
+        cwd=REPO,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"deploy: error: no Prefect server at http://127.0.0.1:{port}/api (")
+    assert line.endswith(
+        "start one with `prefect server start` or point --api-url / PREFECT_API_URL at yours"
+    )
+
+
+def test_prefect_yaml_is_the_same_deployment() -> None:
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert config["build"] is None and config["push"] is None and "pull" not in config
+    (spec,) = config["deployments"]
+    args = deploy.parse_args(["register"])
+    options = deploy.deployment_options(args)
+    assert spec["name"] == deploy.DEFAULT_NAME
+    assert spec["entrypoint"] == deploy.ENTRYPOINT
+    assert spec["schedules"] == [
+        {"cron": deploy.DEFAULT_CRON, "timezone": deploy.DEFAULT_TIMEZONE, "active": True}
+    ]
+    assert spec["concurrency_limit"] == {"limit": deploy.CONCURRENCY_LIMIT, "collision_strategy": "ENQUEUE"}
+    # root: "." there (the pull step's working directory, portable to images) where deploy.py pins the path.
+    assert spec["parameters"] == {**options["parameters"], "root": "."}
+    assert (spec["tags"], spec["description"]) == (deploy.TAGS, deploy.DESCRIPTION)
+    assert spec["work_pool"]["name"] == deploy.DEFAULT_POOL
+
+
+# ---------------------------------------------------------------- end to end: server + served deployment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``check`` until it returns something truthy; bounded, so a hang fails instead of blocking CI."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A subprocess in its own process group (uvicorn and flow-run children included), always shut down."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        for sig, grace in (
+            (signal.SIGTERM, 20),
+            (signal.SIGKILL, 10),
+        ):  # graceful first: serve pauses its schedule
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                break
+
+
+def tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
+class Served:
+    api: str
+    clone: Path
+    env: dict[str, str]
+    log: Path
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[SyncPrefectClient]:
+        with temporary_settings(updates={PREFECT_API_URL: self.api}), get_client(sync_client=True) as client:
+            yield client
+
+    def trigger(self, name: str = f"gptlab-pipeline/{SERVED}", **parameters: Any) -> UUID:
+        with self.client() as client:
+            dep = client.read_deployment_by_name(name)
+            return client.create_flow_run_from_deployment(dep.id, parameters=parameters).id
+
+    def wait(self, run_id: UUID, timeout: float) -> FlowRun:
+        def final() -> FlowRun | None:
+            with self.client() as client:
+                run = client.read_flow_run(run_id)
+            return run if run.state is not None and run.state.is_final() else None
+
+        try:
+            return wait_for(final, timeout, f"flow run {run_id}", interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- serve log ---\n{tail(self.log)}") from None
+
+    def task_runs(self, run_id: UUID, count: int) -> list[TaskRun]:
+        """Task runs reach the API through events, a few seconds after the flow run ends: wait for all."""
+
+        def recorded() -> list[TaskRun] | None:
+            with self.client() as client:
+                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            return runs if len(runs) >= count and all(r.state and r.state.is_final() for r in runs) else None
+
+        return wait_for(recorded, 60, f"{count} final task runs of {run_id}")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = clean_env(
+        home,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        # A run kept waiting by the deployment's concurrency limit retries after this (default 30 s).
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
+    )
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    log = home / "server.log"
+    api = f"http://127.0.0.1:{port}/api"
+    with background(cmd, home, env, log) as proc:
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prefect server exited ({proc.returncode}):\n{tail(log)}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                return r.status == 200
+            return False
+
+        wait_for(healthy, 120, f"prefect server on port {port}")
+        yield api
+
+
+@pytest.fixture(scope="module")
+def served(
+    prefect_api: str, tmp_path_factory: pytest.TempPathFactory, gpt2_tiktoken_file: Path
+) -> Iterator[Served]:
+    clone = make_clone(tmp_path_factory.mktemp("deploy") / "gptlab")
+    set_params(clone, TINY)
+    env = clean_env(
+        clone,
+        PREFECT_API_URL=prefect_api,
+        PREFECT_RUNNER_POLL_FREQUENCY="1",  # default 10 s between polls for triggered runs
+        GPTLAB_TIKTOKEN_FILE=str(gpt2_tiktoken_file),  # offline tokenizer (the autouse fixture is per test)
+        GPTLAB_CACHE=str(tmp_path_factory.getbasetemp() / "gptlab-cache"),
+    )
+    env.pop("GPTLAB_PIPELINE_RUN_ID", None)  # each flow run then groups its MLflow runs under its own id
+    # --limit 2: this process would run two at once, so only the deployment's concurrency limit keeps them apart.
+    cmd = [sys.executable, "-m", "pipelines.deploy", "serve", "--name", SERVED, "--limit", "2"]
+    cmd += [arg for item in FAST for arg in ("--set-param", item)]
+    log = clone.parent / "serve.log"
+    with background(cmd, clone, env, log) as proc:
+        state = Served(prefect_api, clone, env, log)
+
+        def registered() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited ({proc.returncode}):\n{tail(log)}")
+            return "serving;" in log.read_text()
+
+        wait_for(registered, 120, "the served deployment")
+        yield state
+
+
+def test_served_deployment_is_registered_with_schedule_parameters_and_limit(served: Served) -> None:
+    assert f"prefect deployment run 'gptlab-pipeline/{SERVED}'" in served.log.read_text()
+    with served.client() as client:
+        dep = client.read_deployment_by_name(f"gptlab-pipeline/{SERVED}")
+        ((schedule,),) = [[s.schedule for s in dep.schedules if s.active]]
+        assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "UTC")
+        assert dep.parameters == {
+            "root": str(served.clone.resolve()),
+            "target": None,
+            "force": False,
+            "profile": None,
+            "set_params": FAST,
+        }
+        assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+        assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+        assert dep.entrypoint == deploy.ENTRYPOINT and not dep.paused
+        # The schedule is live: the server's scheduler has already queued upcoming runs at 03:00 UTC.
+        by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        upcoming = wait_for(
+            lambda: [r for r in client.read_flow_runs(deployment_filter=by_deployment) if r.auto_scheduled],
+            30,
+            "scheduled runs",
+        )
+        assert {(r.expected_start_time.hour, r.expected_start_time.minute) for r in upcoming} == {(3, 0)}
+
+
+def test_triggered_run_completes_every_stage_and_logs_them_to_mlflow(served: Served) -> None:
+    from mlflow import MlflowClient
+
+    run_id = served.trigger()
+    run = served.wait(run_id, timeout=420)
+    assert run.state.is_completed(), f"{run.state}\n{tail(served.log)}"
+    tasks = served.task_runs(run_id, len(STAGES))
+    assert sorted(t.name for t in tasks) == sorted(STAGES)
+    assert all(t.state.is_completed() for t in tasks)
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{served.clone / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("gptlab")
+    stage_runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{run_id}' and tags.`gptlab.role` = 'stage'",
+    )
+    assert sorted(r.data.tags["gptlab.stage"] for r in stage_runs) == sorted(STAGES)
+    assert {r.info.status for r in stage_runs} == {"FINISHED"}
+
+
+def test_overlapping_runs_queue_instead_of_running_together(served: Served) -> None:
+    first, second = served.trigger(target="download"), served.trigger(target="download")
+    runs = sorted((served.wait(i, timeout=120) for i in (first, second)), key=lambda r: r.start_time)
+    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED"]
+    assert runs[0].end_time <= runs[1].start_time  # never both running
+    with served.client() as client:
+        history = [s.name for r in runs for s in client.read_flow_run_states(r.id)]
+    # The serve process had room for both (--limit 2): the deployment's limit is what held one back.
+    assert "AwaitingConcurrencySlot" in history
+
+
+def test_run_overlapping_a_manual_dvc_repro_fails_with_dvcs_lock_error(served: Served) -> None:
+    from dvc.repo import Repo
+
+    # What a `dvc repro` in the same checkout does: hold the repo lock while the scheduled run starts.
+    with Repo(str(served.clone)) as repo, repo.lock:
+        run_id = served.trigger(target="download")
+        run = served.wait(run_id, timeout=180)
+    assert run.state.is_failed()
+    assert re.search(
+        r"RuntimeError: stage download failed \(dvc exit \d+\): ERROR: Unable to acquire lock\.",
+        str(run.state.message),
+    ), run.state.message
+    (task,) = served.task_runs(run_id, 1)
+    assert task.name == "download" and task.state.is_failed()
+    assert "Unable to acquire lock" in str(task.state.message)
+    assert task.run_count == 3  # the download task retried twice before giving up
+
+
+def test_register_for_a_process_pool_matches_prefect_yaml_and_runs_on_a_worker(
+    served: Served, tmp_path: Path
+) -> None:
+    def cli(*args: str, cwd: Path = served.clone, timeout: int = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(args), cwd=cwd, env=served.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def read(name: str) -> dict[str, Any]:
+        with served.client() as client:
+            dep = client.read_deployment_by_name(f"gptlab-pipeline/{name}")
+        return {
+            "schedules": [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules],
+            "limit": dep.global_concurrency_limit.limit if dep.global_concurrency_limit else None,
+            "strategy": dep.concurrency_options.collision_strategy if dep.concurrency_options else None,
+            **dep.model_dump(
+                include={
+                    "id",
+                    "entrypoint",
+                    "parameters",
+                    "pull_steps",
+                    "work_pool_name",
+                    "tags",
+                    "description",
+                    "paused",
+                }
+            ),
+        }
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "pipelines.deploy", "register", "--pool", "missing"],
+        cwd=served.clone,
+        env=served.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2
+    assert (
+        "deploy: error: no work pool 'missing'; create it: prefect work-pool create missing" in missing.stderr
+    )
+
+    cli(str(BIN / "prefect"), "work-pool", "create", deploy.DEFAULT_POOL, "--type", "process")
+    cli(str(BIN / "prefect"), "--no-prompt", "deploy", "-n", deploy.DEFAULT_NAME)
+    from_yaml = read(deploy.DEFAULT_NAME)
+    cli(sys.executable, "-m", "pipelines.deploy", "register")
+    from_code = read(deploy.DEFAULT_NAME)
+    assert from_code["id"] == from_yaml["id"]  # the same deployment, updated in place
+    assert from_code["parameters"] == {**from_yaml["parameters"], "root": str(served.clone.resolve())}
+    assert {**from_code, "parameters": None} == {**from_yaml, "parameters": None}
+    assert from_code["schedules"] == [("0 3 * * *", "UTC")] and from_code["limit"] == 1
+    assert from_code["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(served.clone.resolve())}}
+    ]
+
+    # A worker started anywhere runs it in the checkout (the pull step); --run-once: take what is due, then exit.
+    run_id = served.trigger(f"gptlab-pipeline/{deploy.DEFAULT_NAME}", target="download")
+    cli(str(BIN / "prefect"), "worker", "start", "--pool", deploy.DEFAULT_POOL, "--run-once", cwd=tmp_path)
+    run = served.wait(run_id, timeout=60)
+    assert run.state.is_completed(), str(run.state)
+    (task,) = served.task_runs(run_id, 1)
+    assert task.name == "download" and task.state.is_completed()
