@@ -60,8 +60,6 @@ import argparse
 import contextlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,11 +187,10 @@ def resolve_api_url(explicit: str | None) -> str:
 
 def check_server(api_url: str, timeout: float = 5.0) -> None:
     """Fail in one line when no server answers, instead of Prefect's retries and traceback."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout):
-            pass
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    from stages.tracking import health_problem
+
+    reason = health_problem(api_url, timeout)
+    if reason is not None:
         raise ConnectionError(
             f"no Prefect server at {api_url} ({reason}); start one with `prefect server start` "
             "or point --api-url / PREFECT_API_URL at yours"

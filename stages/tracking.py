@@ -43,14 +43,20 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def health_problem(base_url: str, timeout: float = 5.0) -> str | None:
+    """Why ``<base_url>/health`` does not answer (None when it does); MLflow and Prefect servers both serve it."""
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/health", timeout=timeout):
+            return None
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    reason = health_problem(uri, timeout)
+    if reason is not None:
         raise TrackingUnavailableError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) "
             "or unset MLFLOW_TRACKING_URI to use the local sqlite store"
