@@ -1,0 +1,72 @@
+"""Stage ``pretrain``: an interrupted run resumes from its work directory and ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.data import ShardWriter
+from gptlab.train import TrainConfig
+from stages.pretrain import PretrainParams, pretrain, run_fingerprint
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path / "tokens", vocab_size=50257, tokenizer="gpt2", shard_size=2000) as w:
+        w.add(np.tile(rng.integers(0, 500, 64), 80))
+        w.finish(val_fraction=0.1)
+    return tmp_path / "tokens"
+
+
+def params() -> PretrainParams:
+    train = TrainConfig(
+        max_steps=8,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        eval_interval=4,
+        eval_batches=2,
+        checkpoint_interval=4,
+        log_interval=2,
+        progress=False,
+    )
+    return PretrainParams(
+        model="gpt-micro",
+        model_overrides={"n_layer": 1, "dropout": 0.1},
+        context_length=32,
+        batch_size=4,
+        train=train,
+    )
+
+
+def test_interrupted_pretrain_resumes_exactly(tokens: Path, tmp_path: Path) -> None:
+    reference, ref_result = pretrain(params(), tokens, tmp_path / "ref-work", "cpu")
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 6:  # after the step-4 checkpoint, before the end
+            raise Killed
+
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        pretrain(params(), tokens, work, "cpu", callback=kill)
+    resumed, result = pretrain(params(), tokens, work, "cpu")
+    assert result.step == 8 and result.tokens_seen == ref_result.tokens_seen
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_changed_params_never_resume_a_stale_run(tokens: Path) -> None:
+    manifest = {"shards": [{"file": "tokens-00000.arrow", "sha256": "x"}]}
+    base = params()
+    changed = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=2e-3))
+    assert run_fingerprint(base, manifest) == run_fingerprint(params(), manifest)
+    assert run_fingerprint(base, manifest) != run_fingerprint(changed, manifest)
+    assert run_fingerprint(base, manifest) != run_fingerprint(base, {"shards": []})
