@@ -32,7 +32,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -413,17 +413,102 @@ class TokenStream:
                 raise ValueError(f"{file}: sha256 {digest} does not match manifest {shard['sha256']}")
 
 
-class WindowLoader:
+class EpochBatches:
+    """Resumable epoch-by-epoch batches over ``num_items`` indexable items, shared by the batch sources.
+
+    Iterating yields the batches from the current position to the end of the current epoch, then moves to
+    the next epoch, so ``for batch in source`` run repeatedly walks epoch after epoch. Epoch ``e``'s order is
+    ``np.random.default_rng([seed, e]).permutation(num_items)`` (list order without ``shuffle``), independent of
+    global RNG state, which makes a run resumable from :meth:`state_dict` alone. ``fetch(indices)`` builds one
+    batch. Only one live iterator: a new ``iter()`` or :meth:`load_state_dict` invalidates older ones.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        batch_size: int,
+        fetch: Callable[[np.ndarray], Any],
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        name: str = "batch source",
+    ) -> None:
+        self.num_items = num_items
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            # default_rng rejects negative seed entropy; fail here rather than at the first batch.
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.fetch = fetch
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.name = name
+        self.epoch = 0
+        self.position = 0
+        self._iter_token = 0
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_items // self.batch_size
+        return math.ceil(self.num_items / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Item indices in the order epoch ``epoch`` visits them."""
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._iter_token += 1
+        return self._batches(self._iter_token)
+
+    def _batches(self, token: int) -> Iterator[Any]:
+        epoch, n, B = self.epoch, len(self), self.batch_size
+        order = self.order(epoch)
+        for b in range(self.position, n):
+            if token != self._iter_token:
+                raise RuntimeError(f"{self.name} iterator invalidated by a newer iter() or load_state_dict()")
+            batch = self.fetch(order[b * B : (b + 1) * B])  # the last batch may be short
+            # Advance before yielding: a state_dict taken while the caller holds batch b already counts
+            # it, and after the epoch's last batch it points at the next epoch, not an empty tail.
+            if b + 1 == n:
+                self.epoch, self.position = epoch + 1, 0
+            else:
+                self.position = b + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
+        for key, mine in (("num_items", self.num_items), ("batch_size", self.batch_size)):
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"{self.name} state has {key}={state[key]}, this one has {key}={mine}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self):
+            raise ValueError(f"{self.name} state epoch={epoch}, position={position} is out of range")
+        if position == len(self):
+            epoch, position = epoch + 1, 0
+        self.epoch, self.position = epoch, position
+        self.seed = int(state.get("seed", self.seed))
+        self._iter_token += 1
+
+
+class WindowLoader(EpochBatches):
     """(input, target) windows of context_length with a stride, batched, deterministically shuffled by seed.
 
     Windows start at range(0, len(stream) - context_length, stride) exactly as the book's GPTDatasetV1,
     input = tokens[i : i+T], target = tokens[i+1 : i+T+1].
 
-    Iterating yields the batches from the current position to the end of the current epoch, then moves
-    to the next epoch, so ``for x, y in loader`` run repeatedly walks epoch after epoch. Epoch ``e``'s order
-    is ``np.random.default_rng([seed, e]).permutation(num_windows)``, independent of global RNG state,
-    which makes a run resumable from :meth:`state_dict` alone. Only one live iterator per loader: a new
-    ``iter()`` or :meth:`load_state_dict` invalidates older ones.
+    Epochs, shuffling and resuming as :class:`EpochBatches`; each batch is ``(x, y)``, both (B, T) int64.
     """
 
     def __init__(
@@ -439,11 +524,8 @@ class WindowLoader:
     ) -> None:
         self.stream = stream
         self.context_length = T = _positive_int("context_length", context_length)
-        self.batch_size = B = _positive_int("batch_size", batch_size)
+        B = _positive_int("batch_size", batch_size)
         self.stride = S = T if stride is None else _positive_int("stride", stride)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
         n = len(stream)
         self.num_windows = len(range(0, n - T, S))
         if self.num_windows == 0:
@@ -451,27 +533,22 @@ class WindowLoader:
                 f"one window of context_length={T} needs at least {T + 1} tokens (inputs + shifted "
                 f"target), but {stream!r} has {n}"
             )
-        if self.drop_last and self.num_windows < B:
+        if drop_last and self.num_windows < B:
             need = (B - 1) * S + T + 1
             raise ValueError(
                 f"one batch of batch_size={B} windows (context_length={T}, stride={S}) needs at least "
                 f"{need} tokens, but {stream!r} has {n} ({self.num_windows} windows); lower batch_size "
                 f"or pass drop_last=False"
             )
-        self.epoch = 0
-        self.position = 0
-        self._iter_token = 0
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_windows // self.batch_size
-        return math.ceil(self.num_windows / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Window indices in the order epoch ``epoch`` visits them."""
-        if not self.shuffle:
-            return np.arange(self.num_windows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        super().__init__(
+            self.num_windows,
+            batch_size=B,
+            fetch=self._gather,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            name="WindowLoader",
+        )
 
     def _gather(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T, S = self.context_length, self.stride
@@ -483,45 +560,3 @@ class WindowLoader:
             x[row] = chunk[:-1]
             y[row] = chunk[1:]
         return torch.from_numpy(x), torch.from_numpy(y)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._iter_token += 1
-        return self._batches(self._iter_token)
-
-    def _batches(self, token: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, n, B = self.epoch, len(self), self.batch_size
-        order = self.order(epoch)
-        for b in range(self.position, n):
-            if token != self._iter_token:
-                raise RuntimeError("WindowLoader iterator invalidated by a newer iter() or load_state_dict()")
-            x, y = self._gather(order[b * B : (b + 1) * B])  # (B, T) each; the last may be short
-            # Advance before yielding: a state_dict taken while the caller holds batch b already counts
-            # it, and after the epoch's last batch it points at the next epoch, not an empty tail.
-            if b + 1 == n:
-                self.epoch, self.position = epoch + 1, 0
-            else:
-                self.position = b + 1
-            yield x, y
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_windows": self.num_windows,
-            "batch_size": self.batch_size,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
-        for key, mine in (("num_windows", self.num_windows), ("batch_size", self.batch_size)):
-            if key in state and int(state[key]) != mine:
-                raise ValueError(f"loader state has {key}={state[key]}, this loader has {key}={mine}")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= len(self):
-            raise ValueError(f"loader state epoch={epoch}, position={position} is out of range")
-        if position == len(self):
-            epoch, position = epoch + 1, 0
-        self.epoch, self.position = epoch, position
-        self.seed = int(state.get("seed", self.seed))
-        self._iter_token += 1

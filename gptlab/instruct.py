@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
+
+from gptlab.data import EpochBatches
 
 T = TypeVar("T")
 
@@ -186,15 +187,10 @@ def collate_sft(
     return inputs, targets
 
 
-class ListBatches:
-    """Resumable batches over an in-memory list: seeded shuffling per epoch, a collate function.
+class ListBatches(EpochBatches):
+    """Resumable batches over an in-memory list, built by ``collate`` (classification, SFT and DPO data).
 
-    Implements the :class:`gptlab.train.BatchSource` protocol with the semantics of
-    :class:`gptlab.data.WindowLoader`: iterating yields the batches from the current position to the end of
-    the current epoch, then moves to the next epoch. Epoch ``e`` visits items in the order
-    ``np.random.default_rng([seed, e]).permutation(len(items))`` (or in list order without ``shuffle``), so
-    :meth:`state_dict` alone resumes a run exactly. The position counts batches already yielded. Only one
-    live iterator per instance: a new ``iter()`` or :meth:`load_state_dict` invalidates older ones.
+    Epochs, seeded shuffling and exact resume as :class:`gptlab.data.EpochBatches`.
     """
 
     def __init__(
@@ -207,78 +203,22 @@ class ListBatches:
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            # default_rng rejects negative seed entropy; fail here rather than at the first batch.
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         # A snapshot, so a caller mutating its list cannot shift a resumed run's order.
         self.items = list(items)
-        self.batch_size = batch_size
         self.collate = collate
-        self.shuffle = bool(shuffle)
-        self.seed = seed
-        self.drop_last = bool(drop_last)
         if not self.items:
             raise ValueError("ListBatches needs at least one item")
-        if self.drop_last and len(self.items) < batch_size:
+        if drop_last and isinstance(batch_size, int) and len(self.items) < batch_size:
             raise ValueError(
                 f"drop_last with batch_size={batch_size} but only {len(self.items)} items: no batch would "
                 f"ever be produced; lower batch_size or pass drop_last=False"
             )
-        self.epoch = 0
-        self.position = 0
-        self._iter_token = 0
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.items) // self.batch_size
-        return math.ceil(len(self.items) / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Item indices in the order epoch ``epoch`` visits them."""
-        if not self.shuffle:
-            return np.arange(len(self.items))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
-
-    def __iter__(self) -> Iterator[Any]:
-        self._iter_token += 1
-        return self._batches(self._iter_token)
-
-    def _batches(self, token: int) -> Iterator[Any]:
-        epoch, n, B = self.epoch, len(self), self.batch_size
-        order = self.order(epoch)
-        for b in range(self.position, n):
-            if token != self._iter_token:
-                raise RuntimeError("ListBatches iterator invalidated by a newer iter() or load_state_dict()")
-            batch = self.collate([self.items[int(i)] for i in order[b * B : (b + 1) * B]])
-            # Advance before yielding: a state_dict taken while the caller holds batch b already counts it,
-            # and after the epoch's last batch it points at the next epoch, not an empty tail.
-            if b + 1 == n:
-                self.epoch, self.position = epoch + 1, 0
-            else:
-                self.position = b + 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_items": len(self.items),
-            "batch_size": self.batch_size,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
-        for key, mine in (("num_items", len(self.items)), ("batch_size", self.batch_size)):
-            if key in state and int(state[key]) != mine:
-                raise ValueError(f"batch state has {key}={state[key]}, this source has {key}={mine}")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= len(self):
-            raise ValueError(f"batch state epoch={epoch}, position={position} is out of range")
-        if position == len(self):
-            epoch, position = epoch + 1, 0
-        self.epoch, self.position = epoch, position
-        self.seed = int(state.get("seed", self.seed))
-        self._iter_token += 1
+        super().__init__(
+            len(self.items),
+            batch_size=batch_size,
+            fetch=lambda indices: self.collate([self.items[int(i)] for i in indices]),
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            name="ListBatches",
+        )
