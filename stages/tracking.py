@@ -110,9 +110,31 @@ def pipeline_run_id() -> str:
     run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID")
     if not run_id:
         exp = os.environ.get("DVC_EXP_NAME")
-        run_id = f"exp-{exp}" if exp else f"adhoc-{uuid.uuid4().hex[:12]}"
+        run_id = f"exp-{exp}" if exp else (_dvc_invocation() or f"adhoc-{uuid.uuid4().hex[:12]}")
         os.environ["GPTLAB_PIPELINE_RUN_ID"] = run_id
     return run_id
+
+
+def _dvc_invocation() -> str | None:
+    """An id of the ``dvc repro`` process running this stage, so the stages of one plain ``dvc repro`` group.
+
+    DVC starts each stage as a child (possibly through ``sh -c``); the invocation is identified by that
+    ancestor's pid and start time. psutil comes with DVC.
+    """
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        for _ in range(4):
+            if proc is None:
+                return None
+            args = [os.path.basename(a) for a in proc.cmdline()]
+            if "repro" in args and ("dvc" in args or proc.name() in ("dvc", "dvc.exe")):
+                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    except Exception:  # no psutil, no permission, a process that vanished: fall back to a per-stage id
+        return None
+    return None
 
 
 def run_tags(root: Path | None = None) -> dict[str, str]:

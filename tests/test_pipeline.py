@@ -188,11 +188,20 @@ def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
 
 
 def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:
+    _, before = _runs(clone)
     set_params(clone, {"base_model": {"eval_batch_size": 2}})
     out = run(["dvc", "repro"], clone, clean_env(clone)).stdout
     assert "Running stage 'base_model'" in out
     for stage in ("download", "tokenize", "pretrain"):
         assert f"Running stage '{stage}'" not in out
+    # A plain `dvc repro` is one pipeline execution too: its stage runs share one id and one parent run.
+    _, after = _runs(clone)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    stage_runs = [r for r in new if r.data.tags.get("gptlab.role") == "stage"]
+    assert {r.data.tags["gptlab.stage"] for r in stage_runs} >= {"base_model", "classify"}
+    assert len({r.data.tags["gptlab.pipeline_run_id"] for r in new}) == 1
+    assert next(iter({r.data.tags["gptlab.pipeline_run_id"] for r in new})).startswith("dvc-")
+    assert len({r.data.tags["mlflow.parentRunId"] for r in stage_runs}) == 1
     metrics = run(["dvc", "metrics", "show", "--json"], clone, clean_env(clone)).stdout
     assert "val_perplexity" in metrics and "tokens_per_sec" in metrics
     run(["dvc", "plots", "show", "-o", str(clone / "dvc_plots")], clone, clean_env(clone))
