@@ -97,7 +97,7 @@ def load_checkpoint(
     data = read_config(directory)
     model = GPT(GPTConfig.from_dict(data["model"]))
     lora_cfg = data.get("meta", {}).get("lora")
-    if lora_cfg and not data["meta"].get("lora_merged", True):
+    if lora_cfg and not data["meta"].get("lora_merged", False):
         from gptlab.lora import apply_lora  # adapters kept separate: rebuild the LoRA layers first
 
         apply_lora(model, **lora_cfg)

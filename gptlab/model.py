@@ -147,6 +147,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_dropout(self, p: float) -> GPT:
+        """Change every dropout rate in place (DPO compares policy and reference log-probs: both must be exact)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
+        self.config = self.config.replace(dropout=p)
+        return self
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, shared tensors counted once; ``non_embedding`` drops the position embedding
         (and the token embedding when it is not also the head), as in the scaling-law convention."""

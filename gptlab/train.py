@@ -254,7 +254,9 @@ def train(
     """
     device = torch.device(device)
     if cfg.epochs is not None:
-        cfg = dataclasses.replace(cfg, max_steps=cfg.epochs * len(train_data), epochs=None)
+        # Each optimizer step consumes grad_accum_steps batches.
+        steps = math.ceil(cfg.epochs * len(train_data) / cfg.grad_accum_steps)
+        cfg = dataclasses.replace(cfg, max_steps=steps, epochs=None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model.to(device)
@@ -268,8 +270,6 @@ def train(
         train_data.load_state_dict(resumed["data"])
         step, tokens_seen, history = resumed["step"], resumed["tokens_seen"], resumed["history"]
         _set_rng_state(resumed["rng"])
-    else:
-        torch.manual_seed(cfg.seed)
     last_good = step if resumed is not None else None  # step of the newest checkpoint on disk
     fwd = torch.compile(model) if cfg.compile else model
 
@@ -300,7 +300,9 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, unit="step")
     window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
     start_time, start_tokens = t0, tokens_seen
-    train_loss, val_loss = float("nan"), None
+    # A run resumed at its end (crashed after the final checkpoint) reports its last logged losses.
+    train_loss = next((r["train_loss"] for r in reversed(history) if "train_loss" in r), float("nan"))
+    val_loss = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
     while step < cfg.max_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:

@@ -40,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GPTLAB_PIPELINE_RUN_ID", f"run-{uuid.uuid4().hex[:12]}")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if args.no_prefect:
-        if args.profile or args.set_param:
-            from pipelines.profile import activate, apply_overrides
+        from pipelines.profile import activate, apply_overrides
 
+        try:
             if args.profile:
                 activate(args.profile, ROOT)
             if args.set_param:
                 apply_overrides(args.set_param, ROOT)
+        except ValueError as exc:
+            print(f"pipeline: error: {exc}", file=sys.stderr)
+            return 2
         cmd = (
             [sys.executable, "-m", "dvc", "repro"]
             + ([args.target] if args.target else [])

@@ -159,13 +159,15 @@ def main() -> None:
                 "val_accuracy": accuracy(m, data["val"]),
             },
         )
-        if params.trainable == "lora" and params.lora.merge:
+        adapters = lora.lora_config(model)  # before merging: afterwards there are no LoRA layers to describe
+        if adapters and params.lora.merge:
             lora.merge_lora(model)
         meta = {
             "stage": "classify",
             "labels": list(LABELS),
             "max_length": max_length,
-            "lora": lora.lora_config(model),
+            "lora": adapters,
+            "lora_merged": bool(adapters) and params.lora.merge,
         }
         save_checkpoint(model, args.model, meta=meta)
 

@@ -111,3 +111,14 @@ def load_records(path: Path, *, required: tuple[str, ...], skip_invalid: bool) -
     return validate_records(
         data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
     )
+
+
+def require_splits(source: Path, splits: dict[str, list], *, train_frac: float, test_frac: float) -> None:
+    """One line naming the file when a split comes out empty (too few records for the fractions)."""
+    empty = [name for name, rows in splits.items() if not rows]
+    if empty:
+        total = sum(len(rows) for rows in splits.values())
+        raise ValueError(
+            f"{source}: {total} records leave the {'/'.join(empty)} split empty "
+            f"(train_frac={train_frac}, test_frac={test_frac}); add records or change the fractions"
+        )

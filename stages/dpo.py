@@ -23,7 +23,14 @@ from gptlab.instruct import ListBatches, split_records
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, to_device, train
 from stages import tracking
-from stages.common import load_records, plot_curves, resolve_device, stage_main, write_history_csv
+from stages.common import (
+    load_records,
+    plot_curves,
+    require_splits,
+    resolve_device,
+    stage_main,
+    write_history_csv,
+)
 from stages.params import load_section
 from stages.responses import generate_responses, write_responses
 
@@ -101,7 +108,14 @@ def main() -> None:
         train_set, test_set, val_set = split_records(
             records, train_frac=params.train_frac, test_frac=params.test_frac, seed=params.seed
         )
+        require_splits(
+            args.data,
+            {"train": train_set, "test": test_set, "validation": val_set},
+            train_frac=params.train_frac,
+            test_frac=params.test_frac,
+        )
         policy, _ = load_checkpoint(args.sft, device=device)
+        policy.set_dropout(0.0)  # dropout noise would bias log(pi/pi_ref) and the implicit rewards
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         collate = functools.partial(
             collate_preferences,

@@ -104,13 +104,37 @@ def evaluate(
                     "exact_match": e,
                 }
             )
-    table = pd.DataFrame.from_records(rows).astype({"score": "Int64"})
+    columns = [
+        "model",
+        "instruction",
+        "input",
+        "output",
+        "response",
+        "score",
+        "judge_reply",
+        "rouge_l_f1",
+        "exact_match",
+    ]
+    table = pd.DataFrame.from_records(rows, columns=columns).astype({"score": "Int64"})
     metrics = {"judge_status": status, "judge_model": cfg.model, "judge_host": cfg.host, "models": models}
     if status == "ok":
         ref = table[table.model == "sft_on_preference"]["score"].tolist()
         pol = table[table.model == "dpo"]["score"].tolist()
         metrics["sft_vs_dpo"] = compare_pairwise([_opt(s) for s in ref], [_opt(s) for s in pol])
     return metrics, table
+
+
+def _read_responses(path: Path, key: str) -> list[dict]:
+    """A stage's responses JSON, checked for the fields evaluation needs."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    for i, r in enumerate(records):
+        missing = [k for k in ("instruction", "input", "output", key, "model_response") if k not in r]
+        if missing:
+            raise ValueError(f"{path}: record {i}: missing {', '.join(missing)}")
+    return records
 
 
 def _opt(value) -> int | None:
@@ -151,7 +175,9 @@ def main() -> None:
     params = load_section("evaluate", EvaluateParams)
 
     with tracking.stage_run("evaluate", params):
-        sets = response_sets(json.loads(args.sft.read_text()), json.loads(args.dpo.read_text()))
+        sets = response_sets(
+            _read_responses(args.sft, "model_response"), _read_responses(args.dpo, "reference_response")
+        )
         metrics, table = evaluate(sets, params, args.cache)
         write_json(args.metrics, metrics)
         atomic_write(args.table, lambda tmp: table.to_parquet(tmp, index=False))

@@ -29,7 +29,7 @@ from gptlab.tokenizer import EOT_ID, decode, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
 from stages.common import plot_curves, resolve_device, stage_main, write_history_csv
-from stages.params import load_section
+from stages.params import ParamsError, load_section
 
 
 @dataclass
@@ -53,7 +53,16 @@ class PretrainParams:
 
 def build_model(params: PretrainParams) -> GPT:
     overrides = dict(params.model_overrides)
-    config = GPTConfig.from_name(params.model, **overrides)
+    allowed = {f.name for f in dataclasses.fields(GPTConfig)} - {"name"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: pretrain.model_overrides: unknown GPTConfig field(s) {', '.join(unknown)}"
+        )
+    try:
+        config = GPTConfig.from_name(params.model, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: pretrain.model_overrides: {exc}") from None
     if params.context_length > config.context_length:
         raise ValueError(
             f"pretrain.context_length ({params.context_length}) exceeds the model's context_length ({config.context_length})"

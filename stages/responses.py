@@ -30,7 +30,8 @@ def generate_responses(
     for start in tqdm(range(0, len(entries), batch_size), desc=desc, unit="batch"):
         batch = entries[start : start + batch_size]
         # Keep the prompt's tail so prompt + response fits the context window.
-        prompts = [encode(format_input(e))[-(context - max_new_tokens) :] for e in batch]
+        keep = max(1, context - max_new_tokens)
+        prompts = [encode(format_input(e))[-keep:] for e in batch]
         outs = generate(
             model, prompts, max_new_tokens=max_new_tokens, eos_id=EOT_ID, generator=torch.Generator()
         )

@@ -19,7 +19,14 @@ from gptlab.instruct import ListBatches, collate_sft, encode_record, split_recor
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
-from stages.common import load_records, plot_curves, resolve_device, stage_main, write_history_csv
+from stages.common import (
+    load_records,
+    plot_curves,
+    require_splits,
+    resolve_device,
+    stage_main,
+    write_history_csv,
+)
 from stages.params import load_section
 from stages.responses import generate_responses, write_responses
 
@@ -69,6 +76,12 @@ def main() -> None:
         )
         train_set, test_set, val_set = split_records(
             records, train_frac=params.train_frac, test_frac=params.test_frac, seed=params.seed
+        )
+        require_splits(
+            args.data,
+            {"train": train_set, "test": test_set, "validation": val_set},
+            train_frac=params.train_frac,
+            test_frac=params.test_frac,
         )
         model, _ = load_checkpoint(args.base, device=device)
         collate = functools.partial(

@@ -72,6 +72,13 @@ def test_flow_records_one_task_run_per_stage(prefect_server, clone) -> None:
         "dpo-metrics",
     } <= keys
 
+    # The LoRA classifier was saved with its adapters kept separate; it loads back as such.
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.lora import lora_config
+
+    classifier, config = load_checkpoint(clone / "models" / "classifier")
+    assert config["meta"]["lora_merged"] is False and lora_config(classifier) == config["meta"]["lora"]
+
     # Second run of part of the graph: DVC's cache makes both tasks no-ops.
     again = pipeline(root=str(clone), target="tokenize")
     assert [(r["stage"], r["ran"]) for r in again] == [("download", False), ("tokenize", False)]

@@ -198,7 +198,8 @@ def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:
     _, after = _runs(clone)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     stage_runs = [r for r in new if r.data.tags.get("gptlab.role") == "stage"]
-    assert {r.data.tags["gptlab.stage"] for r in stage_runs} >= {"base_model", "classify"}
+    # eval_batch_size leaves the weights unchanged, so DVC reruns nothing downstream of base_model
+    assert {r.data.tags["gptlab.stage"] for r in stage_runs} == {"base_model"}
     assert len({r.data.tags["gptlab.pipeline_run_id"] for r in new}) == 1
     assert next(iter({r.data.tags["gptlab.pipeline_run_id"] for r in new})).startswith("dvc-")
     assert len({r.data.tags["mlflow.parentRunId"] for r in stage_runs}) == 1

@@ -73,6 +73,12 @@ def test_unreachable_judge_still_computes_reference_metrics(tmp_path) -> None:
     assert len(table) == 7 and table["score"].isna().all()
 
 
+def test_nothing_to_score_is_not_a_crash(tmp_path) -> None:
+    params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}"), max_records=0)
+    metrics, table = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+    assert table.empty and metrics["models"]["sft"]["n"] == 0
+
+
 def test_required_judge_unreachable_is_an_error(tmp_path) -> None:
     params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}", required=True))
     with pytest.raises(JudgeUnavailableError, match="unreachable.*ollama serve"):

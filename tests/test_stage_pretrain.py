@@ -70,3 +70,14 @@ def test_changed_params_never_resume_a_stale_run(tokens: Path) -> None:
     assert run_fingerprint(base, manifest) == run_fingerprint(params(), manifest)
     assert run_fingerprint(base, manifest) != run_fingerprint(changed, manifest)
     assert run_fingerprint(base, manifest) != run_fingerprint(base, {"shards": []})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"), [({"foo": 1}, "unknown GPTConfig field"), ({"dropout": 3.0}, "dropout")]
+)
+def test_bad_model_overrides_are_named(overrides: dict, message: str) -> None:
+    from stages.params import ParamsError
+    from stages.pretrain import build_model
+
+    with pytest.raises(ParamsError, match=rf"pretrain\.model_overrides: .*{message}"):
+        build_model(dataclasses.replace(params(), model_overrides=overrides))

@@ -226,3 +226,20 @@ def test_evaluate_does_not_move_the_loader(shards) -> None:
     a = evaluate(model, val_data, max_batches=2)
     b = evaluate(model, val_data, max_batches=2)
     assert a == b
+
+
+def test_epochs_count_optimizer_steps_with_accumulation(shards) -> None:
+    train_data, _ = loaders(shards)
+    result = train(
+        make_model(), train_data, cfg(max_steps=None, epochs=2, grad_accum_steps=3, warmup_steps=0)
+    )
+    assert result.step == math.ceil(2 * len(train_data) / 3)
+
+
+def test_resuming_a_finished_run_reports_its_last_losses(shards, tmp_path) -> None:
+    ck = Checkpointer(tmp_path / "run")
+    train_data, val_data = loaders(shards)
+    done = train(make_model(), train_data, cfg(), val_data=val_data, checkpointer=ck)
+    train_data, val_data = loaders(shards)
+    again = train(make_model(), train_data, cfg(), val_data=val_data, checkpointer=ck)
+    assert again.step == done.step and again.val_loss == done.val_loss and again.train_loss == done.train_loss
