@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for set-up and the two README commands:
-#   ./run.sh pipeline [dvc repro args]   set up, then run the whole pipeline (sample profile, CPU)
+#   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect]   set up, run the pipeline
 #   ./run.sh test [pytest args]          set up, then run the test suite
 #   ./run.sh profile [sample|book]       show or switch the params profile (params.yaml)
 #   ./run.sh setup                       only create/refresh the local venv (.venv) and fetch GPT-2's BPE file
