@@ -576,7 +576,10 @@ def _decode_options(
     num_predict = _integer(fields, max_tokens_key, DEFAULT_NUM_PREDICT)
     assert num_predict is not None
     if num_predict < -2:
-        raise HTTPError(400, f"field {max_tokens_key!r} must be >= -1, got {num_predict}")
+        raise HTTPError(
+            400,
+            f"field {max_tokens_key!r} must be >= -2 (-1: unlimited, -2: fill the context), got {num_predict}",
+        )
     try:
         sampling = SamplingConfig(
             temperature=_number(fields, "temperature", defaults["temperature"]),
