@@ -99,26 +99,32 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, *, ti
         ax.set_ylabel("true")
 
 
-def load_records(path: Path, *, required: tuple[str, ...], skip_invalid: bool) -> tuple[list[dict], int]:
-    """Read the book's JSON records and validate them (every field but ``input`` must be non-empty)."""
-    from gptlab.instruct import validate_records
+def load_splits(
+    path: Path,
+    *,
+    required: tuple[str, ...],
+    skip_invalid: bool,
+    train_frac: float,
+    test_frac: float,
+    seed: int,
+) -> tuple[list[dict], list[dict], list[dict], int, int]:
+    """Read and validate the book's JSON records (every field but ``input`` non-empty), then split them
+    seeded into train/test/validation (book ch. 7); returns (train, test, val, valid records, skipped)."""
+    from gptlab.instruct import split_records, validate_records
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON ({exc})") from None
     non_empty = tuple(f for f in required if f != "input")
-    return validate_records(
+    records, skipped = validate_records(
         data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
     )
-
-
-def require_splits(source: Path, splits: dict[str, list], *, train_frac: float, test_frac: float) -> None:
-    """One line naming the file when a split comes out empty (too few records for the fractions)."""
-    empty = [name for name, rows in splits.items() if not rows]
+    train, test, val = split_records(records, train_frac=train_frac, test_frac=test_frac, seed=seed)
+    empty = [name for name, rows in (("train", train), ("test", test), ("validation", val)) if not rows]
     if empty:
-        total = sum(len(rows) for rows in splits.values())
         raise ValueError(
-            f"{source}: {total} records leave the {'/'.join(empty)} split empty "
+            f"{path}: {len(records)} records leave the {'/'.join(empty)} split empty "
             f"(train_frac={train_frac}, test_frac={test_frac}); add records or change the fractions"
         )
+    return train, test, val, len(records), skipped

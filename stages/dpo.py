@@ -19,14 +19,13 @@ import torch
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.dpo import collate_preferences, dpo_batch_metrics, encode_preference, make_dpo_loss_fn
 from gptlab.fileio import write_json
-from gptlab.instruct import ListBatches, split_records
+from gptlab.instruct import ListBatches
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, to_device, train
 from stages import tracking
 from stages.common import (
-    load_records,
+    load_splits,
     plot_curves,
-    require_splits,
     resolve_device,
     stage_main,
     write_history_csv,
@@ -100,19 +99,13 @@ def main() -> None:
     device = resolve_device(params.device)
 
     with tracking.stage_run("dpo", params):
-        records, skipped = load_records(
+        train_set, test_set, val_set, num_records, skipped = load_splits(
             args.data,
             required=("instruction", "input", "chosen", "rejected"),
             skip_invalid=params.skip_invalid,
-        )
-        train_set, test_set, val_set = split_records(
-            records, train_frac=params.train_frac, test_frac=params.test_frac, seed=params.seed
-        )
-        require_splits(
-            args.data,
-            {"train": train_set, "test": test_set, "validation": val_set},
             train_frac=params.train_frac,
             test_frac=params.test_frac,
+            seed=params.seed,
         )
         policy, _ = load_checkpoint(args.sft, device=device)
         policy.set_dropout(0.0)  # dropout noise would bias log(pi/pi_ref) and the implicit rewards
@@ -180,7 +173,7 @@ def main() -> None:
             **{f"initial_{k}": v for k, v in before.items()},
             "steps": result.step,
             "beta": params.beta,
-            "records": len(records),
+            "records": num_records,
             "skipped_records": skipped,
             "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
         }

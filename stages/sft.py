@@ -15,14 +15,13 @@ from pathlib import Path
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.fileio import write_json
-from gptlab.instruct import ListBatches, collate_sft, encode_record, split_records
+from gptlab.instruct import ListBatches, collate_sft, encode_record
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
 from stages.common import (
-    load_records,
+    load_splits,
     plot_curves,
-    require_splits,
     resolve_device,
     stage_main,
     write_history_csv,
@@ -71,17 +70,13 @@ def main() -> None:
     device = resolve_device(params.device)
 
     with tracking.stage_run("sft", params):
-        records, skipped = load_records(
-            args.data, required=("instruction", "input", "output"), skip_invalid=params.skip_invalid
-        )
-        train_set, test_set, val_set = split_records(
-            records, train_frac=params.train_frac, test_frac=params.test_frac, seed=params.seed
-        )
-        require_splits(
+        train_set, test_set, val_set, num_records, skipped = load_splits(
             args.data,
-            {"train": train_set, "test": test_set, "validation": val_set},
+            required=("instruction", "input", "output"),
+            skip_invalid=params.skip_invalid,
             train_frac=params.train_frac,
             test_frac=params.test_frac,
+            seed=params.seed,
         )
         model, _ = load_checkpoint(args.base, device=device)
         collate = functools.partial(
@@ -126,7 +121,7 @@ def main() -> None:
             "val_loss": result.val_loss,
             "steps": result.step,
             "tokens_per_sec": result.tokens_per_sec,
-            "records": len(records),
+            "records": num_records,
             "skipped_records": skipped,
             "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
             "empty_responses": sum(not r for r in responses),
