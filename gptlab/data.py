@@ -197,20 +197,26 @@ class ShardWriter:
         self._shard_tokens = 0
         self._ipc = self._sink = self._tmp = None
 
-    def finish(self, *, val_fraction: float, extra: dict | None = None) -> dict:
+    def finish(
+        self, *, val_fraction: float | None = None, train_tokens: int | None = None, extra: dict | None = None
+    ) -> dict:
         """Flush the last shard, write ``manifest.json`` atomically and return the manifest.
 
-        The split is by position, as the book's ``train_ratio = 0.90``: the first
-        ``floor((1 - val_fraction) * N)`` tokens are train, the rest val.
+        The split is by position: the first ``train_tokens`` tokens are train, the rest val. Or, with
+        ``val_fraction``, as the book's ``train_ratio = 0.90``: the first ``floor((1 - val_fraction) * N)``.
         """
         if self._closed:
             raise RuntimeError("ShardWriter is closed (finish() or abort() already ran)")
-        if (
+        if (val_fraction is None) == (train_tokens is None):
+            raise ValueError("pass exactly one of val_fraction and train_tokens")
+        if val_fraction is not None and (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, int | float)
             or not 0 <= val_fraction < 1
         ):
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        if train_tokens is not None and not 0 <= train_tokens <= self.num_tokens:
+            raise ValueError(f"train_tokens must be in [0, {self.num_tokens}], got {train_tokens!r}")
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"extra must be a dict or None, got {type(extra).__name__}")
         try:
@@ -219,7 +225,10 @@ class ShardWriter:
             n = self._written
             # Decimal(repr()) splits at the fraction as written (0.1, not 0.1000000000000000055...), so
             # 5500 tokens at val_fraction=0.1 give exactly 4950 train tokens.
-            n_train = math.floor((1 - Decimal(repr(float(val_fraction)))) * n)
+            if train_tokens is not None:
+                n_train = train_tokens
+            else:
+                n_train = math.floor((1 - Decimal(repr(float(val_fraction)))) * n)
             manifest = {
                 "format": FORMAT,
                 "tokenizer": self.tokenizer,
@@ -413,14 +422,30 @@ class TokenStream:
                 raise ValueError(f"{file}: sha256 {digest} does not match manifest {shard['sha256']}")
 
 
+ORDERS = ("seeded", "torch")
+"""Where a shuffled epoch's order comes from (see :class:`EpochBatches`)."""
+
+
+def _torch_draw() -> int:
+    # The draw DataLoader makes for an iterator's base seed and RandomSampler for its generator.
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
 class EpochBatches:
     """Resumable epoch-by-epoch batches over ``num_items`` indexable items, shared by the batch sources.
 
     Iterating yields the batches from the current position to the end of the current epoch, then moves to
-    the next epoch, so ``for batch in source`` run repeatedly walks epoch after epoch. Epoch ``e``'s order is
-    ``np.random.default_rng([seed, e]).permutation(num_items)`` (list order without ``shuffle``), independent of
-    global RNG state, which makes a run resumable from :meth:`state_dict` alone. ``fetch(indices)`` builds one
-    batch. Only one live iterator: a new ``iter()`` or :meth:`load_state_dict` invalidates older ones.
+    the next epoch, so ``for batch in source`` run repeatedly walks epoch after epoch. ``fetch(indices)``
+    builds one batch. Only one live iterator: a new ``iter()`` or :meth:`load_state_dict` invalidates older
+    ones. Without ``shuffle`` every epoch is in list order; with it, ``order`` decides:
+
+    * ``seeded``: epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(num_items)``, independent of
+      the global RNG, so a run resumes from :meth:`state_dict` alone;
+    * ``torch``: ``torch.utils.data.DataLoader(shuffle=...)`` as the book's ``create_dataloader_v1`` uses it
+      (ch. 2): every pass that starts at the beginning of an epoch draws from the global torch RNG — one draw
+      for the iterator's base seed, and with ``shuffle`` one for ``RandomSampler``'s generator, which then
+      gives ``torch.randperm`` — so with the same seed the batches (and the RNG stream left for dropout)
+      are the book's. The pass's draw is kept in :meth:`state_dict`, so a resumed run re-creates its order.
     """
 
     def __init__(
@@ -432,8 +457,11 @@ class EpochBatches:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        order: str = "seeded",
         name: str = "batch source",
     ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.num_items = num_items
         self.batch_size = _positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -443,9 +471,11 @@ class EpochBatches:
         self.shuffle = bool(shuffle)
         self.seed = seed
         self.drop_last = bool(drop_last)
+        self.order_mode = order
         self.name = name
         self.epoch = 0
         self.position = 0
+        self.pass_seed: int | None = None  # ``torch`` order: the current pass's RandomSampler seed
         self._iter_token = 0
 
     def __len__(self) -> int:
@@ -454,9 +484,12 @@ class EpochBatches:
         return math.ceil(self.num_items / self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Item indices in the order epoch ``epoch`` visits them."""
+        """Item indices in the order epoch ``epoch`` visits them (``torch`` order: the current pass's)."""
         if not self.shuffle:
             return np.arange(self.num_items)
+        if self.order_mode == "torch":
+            generator = torch.Generator().manual_seed(self.pass_seed)
+            return torch.randperm(self.num_items, generator=generator).numpy()
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
 
     def __iter__(self) -> Iterator[Any]:
@@ -465,6 +498,9 @@ class EpochBatches:
 
     def _batches(self, token: int) -> Iterator[Any]:
         epoch, n, B = self.epoch, len(self), self.batch_size
+        if self.order_mode == "torch" and (self.position == 0 or self.pass_seed is None):
+            _torch_draw()  # the DataLoader iterator's base seed: drawn, unused with num_workers=0
+            self.pass_seed = _torch_draw() if self.shuffle else 0
         order = self.order(epoch)
         for b in range(self.position, n):
             if token != self._iter_token:
@@ -479,13 +515,16 @@ class EpochBatches:
             yield batch
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "num_items": self.num_items,
             "batch_size": self.batch_size,
         }
+        if self.order_mode == "torch":
+            state["pass_seed"] = self.pass_seed
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
@@ -499,6 +538,7 @@ class EpochBatches:
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
         self.seed = int(state.get("seed", self.seed))
+        self.pass_seed = state.get("pass_seed")
         self._iter_token += 1
 
 
@@ -508,7 +548,8 @@ class WindowLoader(EpochBatches):
     Windows start at range(0, len(stream) - context_length, stride) exactly as the book's GPTDatasetV1,
     input = tokens[i : i+T], target = tokens[i+1 : i+T+1].
 
-    Epochs, shuffling and resuming as :class:`EpochBatches`; each batch is ``(x, y)``, both (B, T) int64.
+    Epochs, shuffling (``order``) and resuming as :class:`EpochBatches`; each batch is ``(x, y)``, both
+    (B, T) int64.
     """
 
     def __init__(
@@ -521,6 +562,7 @@ class WindowLoader(EpochBatches):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = True,
+        order: str = "seeded",
     ) -> None:
         self.stream = stream
         self.context_length = T = _positive_int("context_length", context_length)
@@ -547,6 +589,7 @@ class WindowLoader(EpochBatches):
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
+            order=order,
             name="WindowLoader",
         )
 

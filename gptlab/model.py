@@ -10,6 +10,7 @@ Unsupervised Multitask Learners" (2019); Vaswani et al., "Attention Is All You N
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -112,29 +113,53 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """GPT-2 language model (or sequence classifier when ``config.num_classes`` is set)."""
+INIT_SCHEMES = ("gpt2", "torch_default")
+"""How :class:`GPT` draws its initial weights (see its docstring)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+
+class GPT(nn.Module):
+    """GPT-2 language model (or sequence classifier when ``config.num_classes`` is set).
+
+    ``init`` picks the initial weights, drawn from the global torch RNG:
+
+    * ``gpt2``: N(0, 0.02) for linear layers and embeddings, residual projections scaled by
+      1/sqrt(2·n_layer) (Radford et al. 2019; nanoGPT);
+    * ``torch_default``: PyTorch's own defaults (``nn.Embedding`` N(0, 1), ``nn.Linear`` Kaiming-uniform
+      weights and uniform biases, bound 1/sqrt(fan_in)), drawn in the order the book's ch. 4 ``GPTModel``
+      creates its layers (``W_query``, ``W_key``, ``W_value`` as three matrices). After the same
+      ``torch.manual_seed`` the weights equal the book's bit for bit, and the RNG is left where the book
+      leaves it, so dropout masks and shuffles that follow draw the same numbers too.
+    """
+
+    def __init__(self, config: GPTConfig, *, init: str = "gpt2") -> None:
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {init!r}")
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.embedding_rows, config.n_embd),
-                wpe=nn.Embedding(config.context_length, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        device = torch.empty(0).device  # the default device, before the meta context below hides it
+        # torch_default draws every tensor itself, in the book's order: building the layers must draw nothing.
+        with torch.device("meta") if init == "torch_default" else nullcontext():
+            self.transformer = nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.embedding_rows, config.n_embd),
+                    wpe=nn.Embedding(config.context_length, config.n_embd),
+                    drop=nn.Dropout(config.dropout),
+                    h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                    ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+                )
             )
-        )
-        out_features = config.num_classes or config.embedding_rows
-        self.lm_head = nn.Linear(config.n_embd, out_features, bias=config.num_classes is not None)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
-            # does not grow with depth.
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            out_features = config.num_classes or config.embedding_rows
+            self.lm_head = nn.Linear(config.n_embd, out_features, bias=config.num_classes is not None)
+        if init == "gpt2":
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
+                # does not grow with depth.
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        else:
+            self.to_empty(device=device)
+            self._init_torch_default()
         if config.tied:
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -146,6 +171,26 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def _init_torch_default(self) -> None:
+        cfg, C = self.config, self.config.n_embd
+        wte = self.transformer.wte.weight
+        nn.init.normal_(wte[: cfg.vocab_size])  # the book's tok_emb has no padding rows
+        nn.init.zeros_(wte[cfg.vocab_size :])
+        nn.init.normal_(self.transformer.wpe.weight)
+        for block in self.transformer.h:
+            qkv = block.attn.c_attn
+            for part in range(3):  # the book's W_query, W_key, W_value, each a Linear of its own
+                rows = slice(part * C, (part + 1) * C)
+                _linear_default(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+            for linear in (block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                _linear_default(linear.weight, linear.bias)
+        for norm in self.modules():
+            if isinstance(norm, nn.LayerNorm):
+                norm.reset_parameters()
+        if not cfg.tied:
+            _linear_default(self.lm_head.weight, self.lm_head.bias)
 
     def set_dropout(self, p: float) -> GPT:
         """Change every dropout rate in place (DPO compares policy and reference log-probs: both must be exact)."""
@@ -231,3 +276,11 @@ class GPT(nn.Module):
             # Its output is never used.
             mask = mask | ~mask.any(dim=-1, keepdim=True)
         return mask
+
+
+def _linear_default(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``nn.Linear.reset_parameters`` on a (view of a) weight: the same draws, in the same order."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight.size(1))
+        nn.init.uniform_(bias, -bound, bound)

@@ -65,18 +65,31 @@ class TrainConfig:
     decay: str = "cosine"
     """``cosine`` (decay to ``min_lr``) or ``constant`` (the book's chapters 5-7 train at a constant lr)."""
     weight_decay: float = 0.1
+    weight_decay_scope: str = "matrices"
+    """``matrices``: decay the weight matrices of linear layers only, not biases, norms and embeddings
+    (GPT-2, nanoGPT); ``all``: every parameter, as the book's ``AdamW(model.parameters(), weight_decay=0.1)``."""
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum_steps: int = 1
     grad_clip: float | None = 1.0
     """Max global gradient norm; None disables clipping."""
     eval_interval: int = 100
     """Evaluate every this many steps (and at the end); 0 disables periodic eval."""
+    eval_first: bool = False
+    """Also evaluate after the first step and count ``eval_interval`` from there: steps 1, 1 + k, 1 + 2k, …
+    (the book's ``global_step % eval_freq == 0`` with a 0-based ``global_step``)."""
     eval_batches: int | None = 20
-    """Validation batches per evaluation (None: the whole validation set)."""
+    """Batches per evaluation (None: the whole validation set)."""
+    eval_train: bool = False
+    """At each evaluation also measure ``train_loss`` as the book's ``calc_loss_loader``: in eval mode, over the
+    first ``eval_batches`` batches of a fresh pass over the training data. Otherwise ``train_loss`` is the
+    mean of the training steps' losses since the last log."""
     checkpoint_interval: int = 0
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
     log_interval: int = 10
     seed: int = 123
+    reseed: bool = True
+    """Seed torch's and Python's RNGs with ``seed`` when training starts. False continues the stream the caller
+    left: the book seeds once, before building the model, so its dropout masks follow the initialisation."""
     precision: str = "auto"
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
     compile: bool = False
@@ -96,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         if self.decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.weight_decay_scope not in ("matrices", "all"):
+            raise ValueError(
+                f"weight_decay_scope must be 'matrices' or 'all', got {self.weight_decay_scope!r}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
@@ -134,23 +151,31 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def is_eval_step(step: int, cfg: TrainConfig) -> bool:
+    """Whether to evaluate after optimizer step ``step`` (1-based); the last step always evaluates."""
+    if not cfg.eval_interval:
+        return False
+    offset = 1 if cfg.eval_first else 0
+    return step >= offset and (step - offset) % cfg.eval_interval == 0
+
+
 def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with decay on matrices of linear layers only: biases, norms and embeddings are not decayed."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding | nn.LayerNorm):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    seen = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if id(p) in no_decay_ids or p.dim() < 2 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW; with ``weight_decay_scope: matrices`` biases, norms and embeddings are not decayed."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied tensor once
+    if cfg.weight_decay_scope == "all":
+        groups = [{"params": trainable, "weight_decay": cfg.weight_decay}]
+    else:
+        no_decay_ids = set()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding | nn.LayerNorm):
+                no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+        decay, no_decay = [], []
+        for p in trainable:
+            (no_decay if id(p) in no_decay_ids or p.dim() < 2 else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
     fused = device_type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
@@ -241,6 +266,7 @@ def train(
     cfg: TrainConfig,
     *,
     val_data: Iterable[Batch] | None = None,
+    train_eval_data: Iterable[Batch] | None = None,
     loss_fn: LossFn = lm_loss,
     device: torch.device | str = "cpu",
     checkpointer: CheckpointSink | None = None,
@@ -250,15 +276,20 @@ def train(
     """Train ``model`` for ``cfg.max_steps`` optimizer steps, resuming from ``checkpointer`` if it has state.
 
     ``callback(step, metrics)`` gets every logged and evaluated row (stages forward these to MLflow).
-    ``eval_fn(model)`` adds task metrics (e.g. accuracy) at each evaluation.
+    ``eval_fn(model)`` adds task metrics (e.g. accuracy) at each evaluation. ``train_eval_data`` is the
+    training data as a second, independent source (another loader over the same items), read by
+    ``cfg.eval_train`` so that evaluation never moves the training position.
     """
+    if cfg.eval_train and train_eval_data is None:
+        raise ValueError("eval_train needs train_eval_data: a second loader over the training data")
     device = torch.device(device)
     if cfg.epochs is not None:
         # Each optimizer step consumes grad_accum_steps batches.
         steps = math.ceil(cfg.epochs * len(train_data) / cfg.grad_accum_steps)
         cfg = dataclasses.replace(cfg, max_steps=steps, epochs=None)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    if cfg.reseed:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device.type)
     step, tokens_seen, history = 0, 0, []
@@ -286,10 +317,11 @@ def train(
 
     def run_eval() -> dict[str, float]:
         row: dict[str, float] = {}
+        kw = dict(max_batches=cfg.eval_batches, device=device, precision=cfg.precision)
+        if cfg.eval_train:  # before val: the book's evaluate_model reads the train loader first
+            row.update(train_loss=evaluate(fwd, train_eval_data, loss_fn, **kw))
         if val_data is not None:
-            val = evaluate(
-                fwd, val_data, loss_fn, max_batches=cfg.eval_batches, device=device, precision=cfg.precision
-            )
+            val = evaluate(fwd, val_data, loss_fn, **kw)
             row.update(val_loss=val, val_perplexity=math.exp(min(val, 50.0)))
         if eval_fn is not None:
             row.update(eval_fn(model))
@@ -340,14 +372,15 @@ def train(
         row: dict[str, float] = {}
         if step % cfg.log_interval == 0 or is_last:
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            train_loss = window_loss / window_steps
-            row.update(
-                train_loss=train_loss, lr=lr, tokens_seen=tokens_seen, tokens_per_sec=window_tokens / elapsed
-            )
+            # With eval_train the evaluations measure train_loss; the log rows carry the step losses.
+            step_mean = window_loss / window_steps
+            row["step_loss" if cfg.eval_train else "train_loss"] = step_mean
+            row.update(lr=lr, tokens_seen=tokens_seen, tokens_per_sec=window_tokens / elapsed)
             window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or is_last:
+        if is_eval_step(step, cfg) or is_last:
             row.update(run_eval())
             val_loss = row.get("val_loss", val_loss)
+        train_loss = row.get("train_loss", train_loss)
         if row:
             row["step"] = step
             history.append(row)

@@ -21,10 +21,10 @@ import torch
 
 from gptlab.checkpoint import Checkpointer, save_checkpoint
 from gptlab.config import GPTConfig
-from gptlab.data import TokenStream, WindowLoader
+from gptlab.data import ORDERS, TokenStream, WindowLoader
 from gptlab.fileio import write_json
 from gptlab.generate import SamplingConfig, generate
-from gptlab.model import GPT
+from gptlab.model import GPT, INIT_SCHEMES
 from gptlab.tokenizer import EOT_ID, decode, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
@@ -37,18 +37,30 @@ class PretrainParams:
     model: str = "gpt-mini"
     """Architecture preset (gptlab.config.PRESETS)."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    """GPTConfig fields to change on the preset (e.g. context_length, dropout, qkv_bias)."""
+    """GPTConfig fields to change on the preset (e.g. context_length, dropout, qkv_bias, tie_weights)."""
+    init: str = "gpt2"
+    """Initial weights (gptlab.model.INIT_SCHEMES): ``gpt2`` (N(0, 0.02), scaled residual projections) or
+    ``torch_default`` (PyTorch's layer defaults in the book's ch. 4 order: the book's weights for its seed)."""
     context_length: int = 128
     """Training window length (<= the model's context_length)."""
     stride: int | None = None
     """Window stride; None = context_length (non-overlapping windows, as the book)."""
     batch_size: int = 8
+    data_order: str = "seeded"
+    """Shuffled order of the windows (gptlab.data.ORDERS): ``seeded`` (a permutation per epoch from
+    ``train.seed``) or ``torch`` (drawn from the global torch RNG as the book's DataLoader does)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
     sample_max_new_tokens: int = 40
     sample_temperature: float = 0.0
     sample_top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
+        if self.data_order not in ORDERS:
+            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
 
 
 def build_model(params: PretrainParams) -> GPT:
@@ -68,7 +80,7 @@ def build_model(params: PretrainParams) -> GPT:
             f"pretrain.context_length ({params.context_length}) exceeds the model's context_length ({config.context_length})"
         )
     torch.manual_seed(params.train.seed)
-    return GPT(config)
+    return GPT(config, init=params.init)
 
 
 def run_fingerprint(params: PretrainParams, manifest: dict) -> str:
@@ -79,8 +91,15 @@ def run_fingerprint(params: PretrainParams, manifest: dict) -> str:
 def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, callback=None):
     """Train (resuming from ``work`` when it holds this exact run); returns (model, TrainResult)."""
     train_stream, val_stream = TokenStream(tokens, "train"), TokenStream(tokens, "val")
-    kw = dict(context_length=params.context_length, batch_size=params.batch_size, stride=params.stride)
+    kw = dict(
+        context_length=params.context_length,
+        batch_size=params.batch_size,
+        stride=params.stride,
+        order=params.data_order,
+    )
     train_data = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
+    # The book's evaluate_model reads the train loader again: a second loader, so training keeps its place.
+    train_eval = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
     val_data = WindowLoader(val_stream, shuffle=False, drop_last=False, **kw)
     model = build_model(params)
     checkpointer = Checkpointer(work, meta={"stage": "pretrain"})
@@ -89,6 +108,7 @@ def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, call
         train_data,
         params.train,
         val_data=val_data,
+        train_eval_data=train_eval if params.train.eval_train else None,
         device=device,
         checkpointer=checkpointer,
         callback=callback,

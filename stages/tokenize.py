@@ -3,6 +3,10 @@
 Book ch. 2 (BPE with tiktoken, ``<|endoftext|>``) and ch. 5 (90/10 train/val split). The corpus is read in
 chunks cut at paragraph boundaries and encoded by a process pool in order, so memory stays flat in corpus size
 and large corpora use every core; shards and the manifest come from :class:`gptlab.data.ShardWriter`.
+
+The split is either over the token stream (``split_by: tokens``) or, as the book's ch. 5 does it, over the
+text's characters before tokenizing (``split_by: chars``: ``text[:int(0.9 * len(text))]`` and the rest are
+encoded separately, so a token is never cut in two).
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from stages import tracking
 from stages.common import stage_main
 from stages.params import load_section
 
+SPLITS_BY = ("tokens", "chars")
+
 
 @dataclass
 class TokenizeParams:
     val_fraction: float = 0.1
-    """Tail fraction of the token stream held out for validation (the book uses 0.1)."""
+    """Tail fraction held out for validation (the book uses 0.1)."""
+    split_by: str = "tokens"
+    """What ``val_fraction`` divides: ``tokens`` (the token stream) or ``chars`` (the text, before
+    tokenizing, as the book's ch. 5)."""
     shard_size: int = 1 << 24
     """Tokens per Arrow shard."""
     workers: int = 0
@@ -41,6 +50,8 @@ class TokenizeParams:
             raise ValueError(f"chunk_chars must be >= 1024, got {self.chunk_chars}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.split_by not in SPLITS_BY:
+            raise ValueError(f"split_by must be one of {', '.join(SPLITS_BY)}, got {self.split_by!r}")
 
 
 def _safe_cut(text: str) -> int:
@@ -58,11 +69,27 @@ def _safe_cut(text: str) -> int:
     return -1
 
 
-def read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
-    """Yield consecutive pieces of a text file, each cut where tokenization cannot change."""
-    carry = ""
+def count_chars(path: Path, block_chars: int = 1 << 20) -> int:
+    """Characters in a UTF-8 text file, read in blocks."""
+    n = 0
     with open(path, encoding="utf-8", newline="") as f:
-        while block := f.read(chunk_chars):
+        while block := f.read(block_chars):
+            n += len(block)
+    return n
+
+
+def read_chunks(path: Path, chunk_chars: int, *, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Yield consecutive pieces of characters ``[start, stop)`` of a text file, each cut where tokenization
+    cannot change (the last piece ends at ``stop``, wherever that is)."""
+    carry = ""
+    remaining = stop - start if stop is not None else None
+    with open(path, encoding="utf-8", newline="") as f:
+        to_skip = start
+        while to_skip > 0 and (skipped := len(f.read(min(to_skip, chunk_chars)))):
+            to_skip -= skipped
+        while block := f.read(chunk_chars if remaining is None else min(chunk_chars, remaining)):
+            if remaining is not None:
+                remaining -= len(block)
             text = carry + block
             cut = _safe_cut(text)
             if cut <= 0:
@@ -76,29 +103,43 @@ def read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
 
 def tokenize_corpus(corpus: Path, out_dir: Path, params: TokenizeParams, *, progress: bool = True) -> dict:
     """Tokenize ``corpus`` into shards under ``out_dir`` (replaced atomically); returns the manifest."""
-    total_chars = corpus.stat().st_size
+    total_bytes = corpus.stat().st_size
     # Process start-up costs about a second: a corpus of one chunk is faster in-process.
-    workers = min(params.workers or os.cpu_count() or 1, max(1, total_chars // params.chunk_chars))
-    chunks = read_chunks(corpus, params.chunk_chars)
+    workers = min(params.workers or os.cpu_count() or 1, max(1, total_bytes // params.chunk_chars))
+    if params.split_by == "chars":
+        # The book's arithmetic: int(train_ratio * len(text_data)) with train_ratio = 0.90.
+        cut = int((1 - params.val_fraction) * count_chars(corpus))
+        parts = [
+            read_chunks(corpus, params.chunk_chars, stop=cut),
+            read_chunks(corpus, params.chunk_chars, start=cut),
+        ]
+    else:
+        parts = [read_chunks(corpus, params.chunk_chars)]
     with (
         atomic_dir(out_dir) as staging,
         ShardWriter(staging, vocab_size=VOCAB_SIZE, tokenizer="gpt2", shard_size=params.shard_size) as writer,
         tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar,
     ):
         pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        part_tokens = []
         try:
-            # imap keeps chunk order and holds only a few chunks in flight.
-            encoded = pool.imap(encode_array, chunks, chunksize=1) if pool else map(encode_array, chunks)
-            for ids in encoded:
-                writer.add(ids)
-                bar.update(len(ids))
+            for chunks in parts:
+                # imap keeps chunk order and holds only a few chunks in flight.
+                encoded = pool.imap(encode_array, chunks, chunksize=1) if pool else map(encode_array, chunks)
+                for ids in encoded:
+                    writer.add(ids)
+                    bar.update(len(ids))
+                part_tokens.append(writer.num_tokens)
         finally:
             if pool is not None:
                 pool.close()
                 pool.join()
-        return writer.finish(
-            val_fraction=params.val_fraction, extra={"source": corpus.name, "source_bytes": total_chars}
+        split = (
+            {"train_tokens": part_tokens[0]}
+            if params.split_by == "chars"
+            else {"val_fraction": params.val_fraction}
         )
+        return writer.finish(**split, extra={"source": corpus.name, "source_bytes": total_bytes})
 
 
 @stage_main("tokenize")

@@ -9,7 +9,7 @@ import pytest
 
 from gptlab.data import TokenStream
 from gptlab.tokenizer import encode
-from stages.tokenize import TokenizeParams, read_chunks, tokenize_corpus
+from stages.tokenize import TokenizeParams, count_chars, read_chunks, tokenize_corpus
 
 
 def test_chunks_reassemble_and_cut_before_line_breaks(tmp_path) -> None:
@@ -37,3 +37,31 @@ def test_sharded_tokens_equal_whole_text_encoding(shared_dir: Path, tmp_path: Pa
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="chunk_chars"):
         TokenizeParams(chunk_chars=10)
+
+
+def test_split_by_chars_is_the_books_ch5_split(shared_dir: Path, tmp_path: Path) -> None:
+    """text[:int(0.9 * len(text))] and the rest, each tokenized on its own (the book's ch. 5 loaders)."""
+    corpus = shared_dir / "datasets" / "the-verdict.txt"
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    params = TokenizeParams(val_fraction=0.1, split_by="chars", shard_size=1000, workers=1, chunk_chars=1024)
+    manifest = tokenize_corpus(corpus, tmp_path / "tokens", params, progress=False)
+    train, val = TokenStream(tmp_path / "tokens", "train"), TokenStream(tmp_path / "tokens", "val")
+    np.testing.assert_array_equal(train.read(0, len(train)), encode(text[:cut]))
+    np.testing.assert_array_equal(val.read(0, len(val)), encode(text[cut:]))
+    assert (len(train), len(val)) == (4612, 534)  # 5146: the cut splits a word into two tokens
+    assert manifest["splits"] == {"train": [0, 4612], "val": [4612, 5146]}
+
+
+def test_read_chunks_of_a_character_range(tmp_path) -> None:
+    text = "ab\ncd ünï\nxyz\n" * 300
+    path = tmp_path / "c.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    assert "".join(read_chunks(path, 1024, stop=1000)) == text[:1000]
+    assert "".join(read_chunks(path, 1024, start=1000)) == text[1000:]
+    assert count_chars(path) == len(text)
+
+
+def test_split_by_is_validated() -> None:
+    with pytest.raises(ValueError, match="split_by"):
+        TokenizeParams(split_by="words")

@@ -17,6 +17,7 @@ from gptlab.train import (
     TrainConfig,
     configure_optimizer,
     evaluate,
+    is_eval_step,
     learning_rate,
     lm_loss,
     train,
@@ -243,3 +244,63 @@ def test_resuming_a_finished_run_reports_its_last_losses(shards, tmp_path) -> No
     train_data, val_data = loaders(shards)
     again = train(make_model(), train_data, cfg(), val_data=val_data, checkpointer=ck)
     assert again.step == done.step and again.val_loss == done.val_loss and again.train_loss == done.train_loss
+
+
+# --- the book's ch. 5 loop (train_model_simple) as options ------------------------------------------------
+
+
+def test_weight_decay_scope_all_decays_every_parameter_once() -> None:
+    model = make_model()
+    (group,) = configure_optimizer(model, cfg(weight_decay=0.1, weight_decay_scope="all"), "cpu").param_groups
+    assert group["weight_decay"] == 0.1
+    assert sum(p.numel() for p in group["params"]) == model.num_params()  # tied head once, norms included
+
+
+def test_eval_first_evaluates_after_steps_1_6_11_like_global_step_mod_eval_freq(shards) -> None:
+    train_data, val_data = loaders(shards)
+    rows = []
+    train(
+        make_model(),
+        train_data,
+        cfg(max_steps=13, eval_interval=5, eval_first=True),
+        val_data=val_data,
+        callback=lambda s, m: rows.append(s) if "val_loss" in m else None,
+    )
+    assert rows == [1, 6, 11, 13]  # the book's global_step 0, 5, 10; gptlab also evaluates the last step
+    assert [s for s in range(1, 14) if is_eval_step(s, cfg(eval_interval=5))] == [5, 10]
+
+
+def test_eval_train_measures_train_loss_in_eval_mode_on_a_fresh_pass(shards) -> None:
+    """train_loss at an evaluation is calc_loss_loader over the first eval_batches of the training data."""
+    train_data, val_data = loaders(shards)
+    train_eval, _ = loaders(shards)
+    rows = {}
+    model = make_model(dropout=0.5)
+    result = train(
+        model,
+        train_data,
+        cfg(max_steps=8, eval_interval=4, eval_train=True),
+        val_data=val_data,
+        train_eval_data=train_eval,
+        callback=lambda s, m: rows.setdefault(s, {}).update(m),
+    )
+    fresh, _ = loaders(shards)
+    assert rows[8]["train_loss"] == pytest.approx(
+        evaluate(model, fresh, max_batches=3)
+    )  # dropout off, same batches
+    assert result.train_loss == rows[8]["train_loss"]
+    assert "step_loss" in rows[4] and train_data.position != train_eval.position
+    with pytest.raises(ValueError, match="train_eval_data"):
+        train(make_model(), train_data, cfg(eval_train=True))
+
+
+def test_reseed_false_continues_the_callers_rng_stream(shards) -> None:
+    def run(seed_before: int) -> torch.Tensor:
+        train_data, _ = loaders(shards)
+        model = make_model()
+        torch.manual_seed(seed_before)
+        train(model, train_data, cfg(max_steps=3, warmup_steps=0, reseed=False))
+        return model.transformer.wte.weight.detach().clone()
+
+    # With dropout on, the caller's seed now decides the masks (and the reseeding default ignores it).
+    assert not torch.equal(run(1), run(2)) and torch.equal(run(1), run(1))
