@@ -10,9 +10,11 @@ No file I/O here: the stage reads the TSV and hands the text in.
 
 from __future__ import annotations
 
-import random
+import csv
+import io
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,15 +24,36 @@ from gptlab.model import GPT
 TRAINABLE = ("head", "last_block", "all", "lora")
 
 
-def parse_labeled_tsv(text: str, *, labels: Sequence[str], source: str = "data") -> list[tuple[int, str]]:
-    """``label<TAB>message`` lines (the UCI SMS Spam Collection layout) to (class index, message)."""
+def _tab_fields(text: str, quoting: bool) -> Iterable[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank record."""
+    if not quoting:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                label, sep, message = line.partition("\t")
+                yield n, [label, message] if sep else [line]
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    start = 1
+    for fields in reader:
+        if any(f.strip() for f in fields):
+            yield start, fields
+        start = reader.line_num + 1
+
+
+def parse_labeled_tsv(
+    text: str, *, labels: Sequence[str], source: str = "data", quoting: bool = False
+) -> list[tuple[int, str]]:
+    """``label<TAB>message`` lines (the UCI SMS Spam Collection layout) to (class index, message).
+
+    ``quoting`` reads the file as the book does, with ``pd.read_csv(sep="\\t")``'s CSV quote rules: a field
+    that starts with ``"`` runs to its closing quote, across line breaks, and loses the quotes. In the UCI file
+    that merges two pairs of lines and unquotes 534 messages; without it each line is one message, as written.
+    """
     index = {name: i for i, name in enumerate(labels)}
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        label, sep, message = line.partition("\t")
-        if not sep or not message.strip():
+    for n, fields in _tab_fields(text, quoting):
+        label, message = fields[0], "\t".join(fields[1:])
+        if len(fields) < 2 or not message.strip():
             raise ValueError(f"{source}: line {n}: expected 'label<TAB>text'")
         if label not in index:
             raise ValueError(
@@ -42,25 +65,38 @@ def parse_labeled_tsv(text: str, *, labels: Sequence[str], source: str = "data")
     return out
 
 
+def _sample_order(n: int, seed: int) -> np.ndarray:
+    # pandas' DataFrame.sample(k, random_state=seed) takes RandomState(seed).choice(n, k, replace=False),
+    # which is the first k of RandomState(seed).permutation(n).
+    return np.random.RandomState(seed).permutation(n)
+
+
 def balance(examples: Sequence[tuple[int, str]], *, seed: int) -> list[tuple[int, str]]:
-    """Undersample every class to the size of the smallest one (seeded), keeping the original order."""
+    """Undersample every class to the size of the smallest one, as the book's ``create_balanced_dataset``.
+
+    Classes in label order; a larger class contributes ``df.sample(smallest, random_state=seed)`` of its
+    examples (in that sampled order), the smallest class all of its own in file order — for the book's two
+    classes, ``pd.concat([ham.sample(len(spam), random_state=123), spam])``.
+    """
     by_class: dict[int, list[int]] = {}
     for i, (label, _) in enumerate(examples):
         by_class.setdefault(label, []).append(i)
     smallest = min(len(ix) for ix in by_class.values())
-    rng = random.Random(seed)
-    keep = sorted(i for ix in by_class.values() for i in rng.sample(ix, smallest))
+    keep = []
+    for label in sorted(by_class):
+        ix = by_class[label]
+        keep += ix if len(ix) == smallest else [ix[j] for j in _sample_order(len(ix), seed)[:smallest]]
     return [examples[i] for i in keep]
 
 
 def split(
     examples: Sequence, *, seed: int, train_frac: float = 0.7, val_frac: float = 0.1
 ) -> tuple[list, list, list]:
-    """Seeded shuffle, then train/validation/test = first 70% / next 10% / rest (the book's ``random_split``)."""
+    """The book's ``random_split``: shuffle as ``df.sample(frac=1, random_state=seed)``, then
+    train/validation/test = the first ``int(n * 0.7)`` / the next ``int(n * 0.1)`` / the rest."""
     if not (0 < train_frac < 1 and 0 <= val_frac < 1 and train_frac + val_frac < 1):
         raise ValueError(f"train_frac ({train_frac}) and val_frac ({val_frac}) must leave a test split")
-    items = list(examples)
-    random.Random(seed).shuffle(items)
+    items = [examples[i] for i in _sample_order(len(examples), seed)]
     train_end = int(len(items) * train_frac)
     val_end = train_end + int(len(items) * val_frac)
     return items[:train_end], items[train_end:val_end], items[val_end:]
@@ -118,6 +154,12 @@ def predict(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> 
     ]
     model.train(was_training)
     return torch.cat(probs) if probs else torch.empty(0, model.config.num_classes)
+
+
+def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Fraction of ``(ids, labels)`` whose most likely class is the label (book ch. 6 ``calc_accuracy_loader``)."""
+    ids, labels = data
+    return float((predict(model, ids).argmax(-1) == labels).float().mean())
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:

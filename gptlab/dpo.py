@@ -8,8 +8,9 @@ model and no sampling:
 
 Follows the book's ch. 7 bonus notebook "DPO from scratch" (``format_input`` prompts,
 ``instruction-data-with-preference.json`` records, ``custom_collate_fn`` with response masks,
-``compute_dpo_loss``), with one deliberate difference: sequence log-likelihoods are SUMMED over response
-tokens, as in the paper, where the notebook averages them per token.
+``compute_dpo_loss``). Sequence log-likelihoods are SUMMED over response tokens by default, as in the paper;
+``reduction="mean"`` averages them per token as the notebook's ``compute_logprobs`` does. Rewards are
+``beta``-scaled log-ratios as in the paper (the notebook logs them unscaled).
 
 The module does no file I/O; :func:`make_dpo_loss_fn` plugs DPO into :func:`gptlab.train.train`.
 """
@@ -25,14 +26,17 @@ from torch import nn
 from gptlab.instruct import format_input, format_response
 
 PREFERENCE_KEYS = ("chosen", "rejected")
+REDUCTIONS = ("sum", "mean")
+RESPONSE_HEADER = "### Response:"
 
 
 def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[str, list[int]]:
     """Token ids of one preference record (keys ``instruction``, ``input``, ``chosen``, ``rejected``).
 
-    Returns ``{"prompt", "chosen", "rejected"}``: the Alpaca prompt, and the prompt followed by
-    ``format_response(...)`` of each answer. The full texts are tokenized as one string (as the book does) so
-    the ids are exactly what the model sees at generation time; the prompt ids must then be a prefix of both
+    Returns ``{"prompt", "chosen", "rejected", "response_start"}``: the Alpaca prompt, the prompt followed by
+    ``format_response(...)`` of each answer, and the position of the ``### Response:`` header in those (after
+    the prompt's blank-line separator). The full texts are tokenized as one string (as the book does) so the
+    ids are exactly what the model sees at generation time; the prompt ids must then be a prefix of both
     sequences, which holds for GPT-2 BPE because the response part starts with ``"\\n\\n"`` after a non-space
     character. Raises ``ValueError`` when a tokenizer merges across that boundary or a key is missing.
     Other keys (e.g. the book's ``output``) are ignored.
@@ -52,6 +56,15 @@ def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[s
                 "prompt/response boundary); cannot mask the prompt by length"
             )
         out[key] = ids
+    # The book's collate masks the prompt and the two newline tokens after it ("+2"), keeping the header:
+    # find where the header's tokens start, as the chosen ids hold them.
+    header = list(encode(RESPONSE_HEADER))
+    chosen, start = out["chosen"], len(prompt)
+    at = next(
+        (i for i in range(start, len(chosen) - len(header) + 1) if chosen[i : i + len(header)] == header),
+        start,
+    )
+    out["response_start"] = at
     return out
 
 
@@ -68,9 +81,10 @@ def collate_preferences(
     either kind, so a caller can run both through the model as a single (2B, T) batch. ``chosen_mask`` /
     ``rejected_mask`` (bool, B × T) are True on response tokens: False on padding (decided by length, so a
     ``pad_id`` that is also a real token such as ``<|endoftext|>`` is still counted where it is real) and, with
-    ``mask_prompt``, on the ``len(prompt)`` prompt tokens. ``allowed_max_length`` truncates ids and masks.
-    Unlike the book, no extra padding column is added and the ``### Response:`` header is not masked: it is
-    identical in chosen and rejected after the same prompt, so its log-probs cancel in the DPO margin.
+    ``mask_prompt``, on the prompt and the blank line after it, up to ``response_start`` (the book's
+    ``mask[:prompt.shape[0] + 2] = False``); the ``### Response:`` header stays scored, as in the book.
+    ``allowed_max_length`` truncates ids and masks. Unlike the book, no extra padding column is added (it is
+    masked out there anyway).
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
@@ -84,7 +98,7 @@ def collate_preferences(
         for i, item in enumerate(batch):
             seq = item[key]
             ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            start = len(item["prompt"]) if mask_prompt else 0
+            start = item.get("response_start", len(item["prompt"])) if mask_prompt else 0
             mask[i, start : len(seq)] = True
         if allowed_max_length is not None:
             ids, mask = ids[:, :allowed_max_length], mask[:, :allowed_max_length]
@@ -92,15 +106,19 @@ def collate_preferences(
     return out
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-likelihood of the masked tokens of each sequence, (B,).
+def sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    """Log-likelihood of the masked tokens of each sequence, (B,).
 
     ``logits`` (B, T, V) are ``model(input_ids)``; token ``t`` is scored by the logits at ``t - 1``, so the
-    first position never counts, and ``mask[:, t]`` decides whether token ``t`` counts. This is the DPO
-    paper's ``log pi(y|x)``: a SUM over response tokens. (The book's DPO notebook takes the per-token MEAN,
-    which drops the length dependence of the likelihood; we follow the paper.) Computed in float32 so bf16
+    first position never counts, and ``mask[:, t]`` decides whether token ``t`` counts. ``sum`` is the DPO
+    paper's ``log pi(y|x)``; ``mean`` divides by the number of scored tokens, as the book's DPO notebook
+    (``compute_logprobs``), which drops the likelihood's dependence on length. Computed in float32 so bf16
     logits under autocast do not lose precision in the normaliser.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or mask.shape != input_ids.shape:
         raise ValueError(
             f"expected logits (B, T, V) with input_ids and mask (B, T); got {tuple(logits.shape)}, "
@@ -111,7 +129,9 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch
     # gather - logsumexp == log_softmax at the label, without materialising a second (B, T, V) tensor.
     token_logp = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
     # where, not multiply: a -inf log-prob at a masked position must not turn the sum into NaN.
-    return torch.where(mask[:, 1:].bool(), token_logp, 0.0).sum(-1)
+    scored = mask[:, 1:].bool()
+    total = torch.where(scored, token_logp, 0.0).sum(-1)
+    return total if reduction == "sum" else total / scored.sum(-1)
 
 
 def dpo_loss(
@@ -137,17 +157,23 @@ def dpo_loss(
     return loss, chosen_rewards, rejected_rewards
 
 
-def _pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of chosen and rejected from ONE forward pass over the stacked (2B, T) batch."""
     ids = torch.cat([batch["chosen"], batch["rejected"]])
     mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
     # Right padding needs no attention mask: causal attention never lets a real token see later padding.
-    logp = sequence_logprobs(model(ids), ids, mask)
+    logp = sequence_logprobs(model(ids), ids, mask, reduction)
     return logp.chunk(2)
 
 
 def dpo_batch_metrics(
-    policy: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor], beta: float
+    policy: nn.Module,
+    reference: nn.Module,
+    batch: dict[str, torch.Tensor],
+    beta: float,
+    reduction: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """DPO loss (with grad through ``policy`` only) and batch-mean reward metrics for a collated batch.
 
@@ -158,10 +184,10 @@ def dpo_batch_metrics(
     """
     if policy is reference:
         raise ValueError("policy and reference must be different modules (copy the model for the reference)")
-    policy_chosen, policy_rejected = _pair_logprobs(policy, batch)
+    policy_chosen, policy_rejected = _pair_logprobs(policy, batch, reduction)
     reference.eval()
     with torch.no_grad():
-        ref_chosen, ref_rejected = _pair_logprobs(reference, batch)
+        ref_chosen, ref_rejected = _pair_logprobs(reference, batch, reduction)
     loss, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
     )
@@ -174,7 +200,9 @@ def dpo_batch_metrics(
     }
 
 
-def make_dpo_loss_fn(reference: nn.Module, beta: float) -> Callable[[nn.Module, dict], torch.Tensor]:
+def make_dpo_loss_fn(
+    reference: nn.Module, beta: float, reduction: str = "sum"
+) -> Callable[[nn.Module, dict], torch.Tensor]:
     """``loss_fn(policy, batch)`` for :func:`gptlab.train.train` / :func:`gptlab.train.evaluate`.
 
     ``train`` moves the policy and the batch to its device but knows nothing of the reference, so the reference
@@ -186,6 +214,6 @@ def make_dpo_loss_fn(reference: nn.Module, beta: float) -> Callable[[nn.Module, 
         param = next(reference.parameters(), None)
         if param is not None and param.device != device:
             reference.to(device)
-        return dpo_batch_metrics(policy, reference, batch, beta)["loss"]
+        return dpo_batch_metrics(policy, reference, batch, beta, reduction)["loss"]
 
     return loss_fn

@@ -98,13 +98,19 @@ def _fraction(name: str, value: object) -> Decimal:
 
 
 def split_records(
-    records: Sequence[T], *, train_frac: float = 0.85, test_frac: float = 0.10, seed: int = 123
+    records: Sequence[T],
+    *,
+    train_frac: float = 0.85,
+    test_frac: float = 0.10,
+    seed: int = 123,
+    shuffle: bool = True,
 ) -> tuple[list[T], list[T], list[T]]:
-    """Seeded shuffle, then the book's split: ``(train, test, val)``.
+    """Seeded shuffle (unless ``shuffle`` is false: the book's ch. 7 splits in file order), then the book's
+    split: ``(train, test, val)``.
 
-    train is the first ``floor(n * train_frac)`` shuffled records, test the next ``floor(n * test_frac)``,
-    val the rest (1100 records give 935 / 110 / 55). The shuffle uses its own ``random.Random(seed)``:
-    ``gptlab.train`` reseeds the global RNG, and the split must not depend on what ran before it.
+    train is the first ``floor(n * train_frac)`` records, test the next ``floor(n * test_frac)``, val the rest
+    (1100 records give 935 / 110 / 55). The shuffle uses its own ``random.Random(seed)``: ``gptlab.train``
+    reseeds the global RNG, and the split must not depend on what ran before it.
     """
     train_d, test_d = _fraction("train_frac", train_frac), _fraction("test_frac", test_frac)
     if train_d + test_d > 1:
@@ -112,7 +118,8 @@ def split_records(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
+    if shuffle:
+        random.Random(seed).shuffle(shuffled)
     n = len(shuffled)
     n_train = math.floor(train_d * n)
     n_test = math.floor(test_d * n)
@@ -190,7 +197,7 @@ def collate_sft(
 class ListBatches(EpochBatches):
     """Resumable batches over an in-memory list, built by ``collate`` (classification, SFT and DPO data).
 
-    Epochs, seeded shuffling and exact resume as :class:`gptlab.data.EpochBatches`.
+    Epochs, shuffling (``order``) and exact resume as :class:`gptlab.data.EpochBatches`.
     """
 
     def __init__(
@@ -202,6 +209,7 @@ class ListBatches(EpochBatches):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        order: str = "seeded",
     ) -> None:
         # A snapshot, so a caller mutating its list cannot shift a resumed run's order.
         self.items = list(items)
@@ -220,5 +228,6 @@ class ListBatches(EpochBatches):
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
+            order=order,
             name="ListBatches",
         )

@@ -6,8 +6,8 @@ so a layer computes ``y = x Wᵀ + b + dropout(x) Aᵀ Bᵀ · alpha / rank``. `
 adapter leaves the model's outputs unchanged; after training, :func:`merge_lora` folds ``ΔW`` into ``W`` and
 the model is a plain GPT again (no inference overhead, GPT-2 checkpoint keys).
 
-Scaling follows the paper and Hugging Face peft (``alpha / rank``), not the book's appendix E, whose
-``LoRALayer`` multiplies by ``alpha`` alone: the book's ``rank=16, alpha=16`` equals ``alpha=256`` here.
+Scaling follows the paper and Hugging Face peft (``alpha / rank``) by default; ``scale_by_rank=False``
+multiplies by ``alpha`` alone, as the printed book's appendix E ``LoRALayer`` (``x @ A @ B * alpha``).
 The book's ``A`` is stored transposed (in, rank); here ``A``/``B`` follow ``nn.Linear``'s (out, in) layout,
 as in the paper and peft.
 
@@ -38,7 +38,8 @@ _LORA_PARAMS = ("lora_A", "lora_B")
 
 
 class LoRALinear(nn.Linear):
-    """``nn.Linear`` plus a low-rank update: ``y = x Wᵀ + b + (dropout(x) Aᵀ Bᵀ) · alpha / rank``.
+    """``nn.Linear`` plus a low-rank update: ``y = x Wᵀ + b + (dropout(x) Aᵀ Bᵀ) · scaling``, where
+    ``scaling`` is ``alpha / rank`` (or ``alpha`` with ``scale_by_rank=False``, the book's appendix E).
 
     Subclasses ``nn.Linear`` so the frozen base keeps the parameter names ``weight``/``bias`` (checkpoint keys
     stay GPT-2's) and code that checks ``isinstance(m, nn.Linear)`` still sees a linear layer. Adds ``lora_A``
@@ -56,6 +57,7 @@ class LoRALinear(nn.Linear):
         rank: int,
         alpha: float,
         dropout: float = 0.0,
+        scale_by_rank: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -63,7 +65,8 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
         self.alpha = float(alpha)
-        self.scaling = self.alpha / rank
+        self.scale_by_rank = bool(scale_by_rank)
+        self.scaling = self.alpha / rank if scale_by_rank else self.alpha
         self.dropout = float(dropout)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
@@ -78,7 +81,9 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+    def from_linear(
+        cls, linear: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0, scale_by_rank: bool = True
+    ) -> LoRALinear:
         """Wrap ``linear``: its ``weight``/``bias`` Parameters are reused (same tensors, no copy), so tying,
         ``requires_grad`` and optimizer references carry over; the adapter gets the weight's device/dtype."""
         if isinstance(linear, LoRALinear):
@@ -92,6 +97,7 @@ class LoRALinear(nn.Linear):
             rank=rank,
             alpha=alpha,
             dropout=dropout,
+            scale_by_rank=scale_by_rank,
             device="meta",
             dtype=weight.dtype,
         )
@@ -111,7 +117,7 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with ``W + B A · alpha / rank`` and a copy of the bias (this layer is unchanged).
+        """A plain ``nn.Linear`` with ``W + B A · scaling`` and a copy of the bias (this layer is unchanged).
 
         The new Parameters keep the base's ``requires_grad``, so merging never unfreezes a frozen model.
         """
@@ -152,6 +158,7 @@ def apply_lora(
     alpha: float,
     targets: Sequence[str] = LORA_TARGETS,
     dropout: float = 0.0,
+    scale_by_rank: bool = True,
 ) -> list[str]:
     """Wrap every ``nn.Linear`` whose attribute name (last component of its qualified name) is in ``targets``
     in a :class:`LoRALinear`, in place; returns the qualified names wrapped, sorted.
@@ -186,7 +193,10 @@ def apply_lora(
     for name, m in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoRALinear.from_linear(m, rank=rank, alpha=alpha, dropout=dropout))
+        layer = LoRALinear.from_linear(
+            m, rank=rank, alpha=alpha, dropout=dropout, scale_by_rank=scale_by_rank
+        )
+        setattr(parent, attr, layer)
     return [name for name, _ in chosen]
 
 
@@ -236,17 +246,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_config(model: nn.Module) -> dict | None:
-    """``{"rank", "alpha", "targets", "dropout"}`` of the LoRA layers in ``model`` (targets: their sorted
-    attribute names), or None when there are none. Layers with differing settings are an error."""
+    """``{"rank", "alpha", "targets", "dropout", "scale_by_rank"}`` of the LoRA layers in ``model`` (targets:
+    their sorted attribute names), or None when there are none. Layers with differing settings are an error."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         return None
-    settings = {(m.rank, m.alpha, m.dropout) for _, m in layers}
+    settings = {(m.rank, m.alpha, m.dropout, m.scale_by_rank) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError(f"LoRA layers have differing (rank, alpha, dropout): {sorted(settings)}")
-    ((rank, alpha, dropout),) = settings
+        raise ValueError(
+            f"LoRA layers have differing (rank, alpha, dropout, scale_by_rank): {sorted(settings)}"
+        )
+    ((rank, alpha, dropout, scale_by_rank),) = settings
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
-    return {"rank": rank, "alpha": alpha, "targets": targets, "dropout": dropout}
+    return {
+        "rank": rank,
+        "alpha": alpha,
+        "targets": targets,
+        "dropout": dropout,
+        "scale_by_rank": scale_by_rank,
+    }
 
 
 def lora_state_dict(model: nn.Module, *, also: Sequence[str] = ()) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from gptlab import lora
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.classify import (
+    accuracy,
     balance,
     classification_loss,
     classification_report,
@@ -28,6 +29,7 @@ from gptlab.classify import (
     split,
     to_classifier,
 )
+from gptlab.data import ORDERS
 from gptlab.fileio import write_json
 from gptlab.instruct import ListBatches
 from gptlab.tokenizer import EOT_ID, encode
@@ -45,13 +47,20 @@ class LoraParams:
     rank: int = 8
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: list(lora.LORA_TARGETS))
+    """Layers to adapt; with ``lm_head`` among them the new head gets an adapter and its own weights stay
+    frozen (the book's appendix E wraps every linear layer), otherwise the head trains in full."""
     dropout: float = 0.0
+    scale_by_rank: bool = True
+    """Scale the update by alpha / rank (paper, peft); false: by alpha alone (the printed book's appendix E)."""
     merge: bool = True
     """Merge the adapters into the weights on save (False keeps them separate in the checkpoint)."""
 
 
 @dataclass
 class ClassifyParams:
+    csv_quoting: bool = False
+    """Read the TSV with CSV quote rules, as the book's ``pd.read_csv(sep="\\t")`` does (a message starting
+    with a quote runs to the closing quote); false reads one message per line, as the file is written."""
     balance: bool = True
     """Undersample ham to the number of spam messages (the book does)."""
     seed: int = 123
@@ -62,14 +71,23 @@ class ClassifyParams:
     """head | last_block | all | lora."""
     lora: LoraParams = field(default_factory=LoraParams)
     batch_size: int = 8
+    drop_last: bool = False
+    """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
+    data_order: str = "seeded"
+    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.data_order not in ORDERS:
+            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+
 
 def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int):
     """Parse, balance, split and encode; returns ({split: (ids, labels)}, max_length)."""
-    examples = parse_labeled_tsv(text, labels=LABELS, source=source)
+    examples = parse_labeled_tsv(text, labels=LABELS, source=source, quoting=params.csv_quoting)
     if params.balance:
         examples = balance(examples, seed=params.seed)
     splits = dict(zip(("train", "val", "test"), split(examples, seed=params.seed), strict=True))
@@ -98,16 +116,12 @@ def build_model(base: Path, params: ClassifyParams, device: str):
             alpha=params.lora.alpha,
             targets=params.lora.targets,
             dropout=params.lora.dropout,
+            scale_by_rank=params.lora.scale_by_rank,
         )
-        lora.mark_trainable(model, also=("lm_head",))
+        lora.mark_trainable(model, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:
         set_trainable(model, params.trainable)
     return model.to(device)
-
-
-def accuracy(model, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    ids, labels = data
-    return float((predict(model, ids).argmax(-1) == labels).float().mean())
 
 
 @stage_main("classify")
@@ -137,20 +151,17 @@ def main() -> None:
         print(
             f"classify: {trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
         )
-        loader = ListBatches(
-            list(zip(*data["train"], strict=True)),
-            batch_size=params.batch_size,
-            collate=_stack,
-            seed=params.seed,
-        )
-        val_loader = ListBatches(
-            list(zip(*data["val"], strict=True)), batch_size=params.batch_size, collate=_stack, shuffle=False
-        )
+        train_items = list(zip(*data["train"], strict=True))
+        kw = dict(batch_size=params.batch_size, collate=_stack, seed=params.seed, order=params.data_order)
+        loader = ListBatches(train_items, drop_last=params.drop_last, **kw)
+        train_eval = ListBatches(train_items, drop_last=params.drop_last, **kw)
+        val_loader = ListBatches(list(zip(*data["val"], strict=True)), shuffle=False, **kw)
         result = train(
             model,
             loader,
             params.train,
             val_data=val_loader,
+            train_eval_data=train_eval,
             loss_fn=classification_loss,
             device=device,
             callback=tracking.metrics_logger(),

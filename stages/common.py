@@ -107,9 +107,11 @@ def load_splits(
     train_frac: float,
     test_frac: float,
     seed: int,
+    shuffle: bool = True,
 ) -> tuple[list[dict], list[dict], list[dict], int, int]:
     """Read and validate the book's JSON records (every field but ``input`` non-empty), then split them
-    seeded into train/test/validation (book ch. 7); returns (train, test, val, valid records, skipped)."""
+    into train/test/validation (book ch. 7; shuffled first, seeded, unless ``shuffle`` is false); returns
+    (train, test, val, valid records, skipped)."""
     from gptlab.instruct import split_records, validate_records
 
     try:
@@ -120,7 +122,9 @@ def load_splits(
     records, skipped = validate_records(
         data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
     )
-    train, test, val = split_records(records, train_frac=train_frac, test_frac=test_frac, seed=seed)
+    train, test, val = split_records(
+        records, train_frac=train_frac, test_frac=test_frac, seed=seed, shuffle=shuffle
+    )
     empty = [name for name, rows in (("train", train), ("test", test), ("validation", val)) if not rows]
     if empty:
         raise ValueError(

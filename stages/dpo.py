@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
-from gptlab.dpo import collate_preferences, dpo_batch_metrics, encode_preference, make_dpo_loss_fn
+from gptlab.data import ORDERS
+from gptlab.dpo import (
+    REDUCTIONS,
+    collate_preferences,
+    dpo_batch_metrics,
+    encode_preference,
+    make_dpo_loss_fn,
+)
 from gptlab.fileio import write_json
 from gptlab.instruct import ListBatches
 from gptlab.tokenizer import EOT_ID, encode
@@ -41,14 +48,24 @@ REWARD_KEYS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "rew
 class DpoParams:
     beta: float = 0.1
     """Strength of the KL anchor to the reference model (the book: 0.1)."""
+    reduction: str = "sum"
+    """Sequence log-probability over response tokens: ``sum`` (the DPO paper) or ``mean`` per token (the
+    book's notebook)."""
     seed: int = 123
     skip_invalid: bool = False
+    split_shuffle: bool = True
+    """Shuffle the records (seeded) before the 85/10/5 split; false splits in file order, as the book's ch. 7."""
     train_frac: float = 0.85
     test_frac: float = 0.10
     mask_prompt: bool = True
     """Score response tokens only (the book masks the prompt)."""
     max_length: int | None = None
     batch_size: int = 8
+    drop_last: bool = False
+    """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
+    data_order: str = "seeded"
+    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    DataLoader)."""
     eval_batches: int | None = 5
     """Train/val batches scored for the reward metrics at each evaluation (None: all)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -56,10 +73,20 @@ class DpoParams:
     max_new_tokens: int = 256
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if self.data_order not in ORDERS:
+            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+        if self.train.eval_train:
+            raise ValueError(
+                "train.eval_train: the DPO stage measures train loss and rewards itself (eval_batches)"
+            )
+
 
 @torch.no_grad()
 def reward_metrics(
-    policy, reference, loader: ListBatches, beta: float, max_batches: int | None, device
+    policy, reference, loader: ListBatches, beta: float, max_batches: int | None, device, reduction: str
 ) -> dict[str, float]:
     """Mean DPO loss/rewards over up to ``max_batches`` batches, without moving the loader."""
     was_training = policy.training
@@ -70,7 +97,7 @@ def reward_metrics(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        out = dpo_batch_metrics(policy, reference, to_device(batch, device), beta)
+        out = dpo_batch_metrics(policy, reference, to_device(batch, device), beta, reduction)
         for k in REWARD_KEYS:
             sums[k] += float(out[k])
         n += 1
@@ -106,6 +133,7 @@ def main() -> None:
             train_frac=params.train_frac,
             test_frac=params.test_frac,
             seed=params.seed,
+            shuffle=params.split_shuffle,
         )
         policy, _ = load_checkpoint(args.sft, device=device)
         policy.set_dropout(0.0)  # dropout noise would bias log(pi/pi_ref) and the implicit rewards
@@ -121,7 +149,12 @@ def main() -> None:
             for name, rows in (("train", train_set), ("val", val_set))
         }
         loader = ListBatches(
-            encoded["train"], batch_size=params.batch_size, collate=collate, seed=params.seed
+            encoded["train"],
+            batch_size=params.batch_size,
+            collate=collate,
+            seed=params.seed,
+            order=params.data_order,
+            drop_last=params.drop_last,
         )
         train_eval = ListBatches(
             encoded["train"], batch_size=params.batch_size, collate=collate, shuffle=False
@@ -132,7 +165,7 @@ def main() -> None:
             row = {}
             for name, data in (("train", train_eval), ("val", val_eval)):
                 for k, v in reward_metrics(
-                    model, reference, data, params.beta, params.eval_batches, device
+                    model, reference, data, params.beta, params.eval_batches, device, params.reduction
                 ).items():
                     row[f"{name}_{k}"] = v
             return row
@@ -142,14 +175,21 @@ def main() -> None:
             policy,
             loader,
             params.train,
-            loss_fn=make_dpo_loss_fn(reference, params.beta),
+            loss_fn=make_dpo_loss_fn(reference, params.beta, params.reduction),
             device=device,
             callback=tracking.metrics_logger(),
             eval_fn=eval_fn,
         )
         after = result.history[-1]
         save_checkpoint(
-            policy, args.model, meta={"stage": "dpo", "prompt_format": "alpaca", "beta": params.beta}
+            policy,
+            args.model,
+            meta={
+                "stage": "dpo",
+                "prompt_format": "alpaca",
+                "beta": params.beta,
+                "reduction": params.reduction,
+            },
         )
 
         test_rows = [{**e, "output": e.get("output", e["chosen"])} for e in test_set]

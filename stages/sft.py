@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.data import ORDERS
 from gptlab.fileio import write_json
 from gptlab.instruct import ListBatches, collate_sft, encode_record
 from gptlab.tokenizer import EOT_ID, encode
@@ -37,6 +38,8 @@ class SftParams:
     seed: int = 123
     """Seed of the split and batch shuffling."""
     skip_invalid: bool = False
+    split_shuffle: bool = True
+    """Shuffle the records (seeded) before the 85/10/5 split; false splits in file order, as the book's ch. 7."""
     """Skip (and count) records with missing/empty fields instead of failing."""
     train_frac: float = 0.85
     test_frac: float = 0.10
@@ -45,11 +48,20 @@ class SftParams:
     max_length: int | None = None
     """Truncate training sequences to this many tokens; None = the model's context length."""
     batch_size: int = 8
+    drop_last: bool = False
+    """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
+    data_order: str = "seeded"
+    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
     max_new_tokens: int = 256
     """Response length limit when generating test-set responses."""
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.data_order not in ORDERS:
+            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
 
 
 @stage_main("sft")
@@ -77,6 +89,7 @@ def main() -> None:
             train_frac=params.train_frac,
             test_frac=params.test_frac,
             seed=params.seed,
+            shuffle=params.split_shuffle,
         )
         model, _ = load_checkpoint(args.base, device=device)
         collate = functools.partial(
@@ -85,23 +98,17 @@ def main() -> None:
             allowed_max_length=params.max_length or model.config.context_length,
             mask_prompt=params.mask_prompt,
         )
-        loader = ListBatches(
-            [encode_record(e, encode) for e in train_set],
-            batch_size=params.batch_size,
-            collate=collate,
-            seed=params.seed,
-        )
-        val_loader = ListBatches(
-            [encode_record(e, encode) for e in val_set],
-            batch_size=params.batch_size,
-            collate=collate,
-            shuffle=False,
-        )
+        train_items = [encode_record(e, encode) for e in train_set]
+        kw = dict(batch_size=params.batch_size, collate=collate, seed=params.seed, order=params.data_order)
+        loader = ListBatches(train_items, drop_last=params.drop_last, **kw)
+        train_eval = ListBatches(train_items, drop_last=params.drop_last, **kw)
+        val_loader = ListBatches([encode_record(e, encode) for e in val_set], shuffle=False, **kw)
         result = train(
             model,
             loader,
             params.train,
             val_data=val_loader,
+            train_eval_data=train_eval,
             loss_fn=lm_loss,
             device=device,
             callback=tracking.metrics_logger(),

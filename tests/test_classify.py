@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,29 @@ def test_cli_classify(lm: GPT, tmp_path, capsys) -> None:
     save_checkpoint(lm, tmp_path / "lm")
     assert cli_main(["classify", "--checkpoint", str(tmp_path / "lm"), "x"]) == 2
     assert "not a classifier checkpoint" in capsys.readouterr().err
+
+
+def test_csv_quoting_reads_like_pandas_read_csv() -> None:
+    text = 'ham\t"quoted" start\nspam\t"runs on\nham\tto here" end\nham\tplain\n'
+    assert parse_labeled_tsv(text, labels=LABELS) == [
+        (0, '"quoted" start'),
+        (1, '"runs on'),
+        (0, 'to here" end'),
+        (0, "plain"),
+    ]
+    # CSV rules: a field opening with a quote runs to the closing quote, across the line break.
+    assert parse_labeled_tsv(text, labels=LABELS, quoting=True) == [
+        (0, "quoted start"),
+        (1, "runs on\nham\tto here end"),
+        (0, "plain"),
+    ]
+    with pytest.raises(ValueError, match="sms.tsv: line 4: expected 'label<TAB>text'"):
+        parse_labeled_tsv('ham\t"a\nb"\n\nspam\n', labels=LABELS, source="sms.tsv", quoting=True)
+
+
+def test_balance_is_the_books_pandas_sample_order() -> None:
+    # create_balanced_dataset: ham.sample(len(spam), random_state=seed) (RandomState's permutation prefix,
+    # in that order), then all spam in file order.
+    data = [(0, f"ham {i}") for i in range(6)] + [(1, f"spam {i}") for i in range(3)]
+    perm = np.random.RandomState(123).permutation(6)[:3]
+    assert balance(data, seed=123) == [(0, f"ham {i}") for i in perm] + data[6:]

@@ -213,8 +213,9 @@ def char_encode(text: str) -> list[int]:
 def test_encode_preference_with_a_character_tokenizer():
     entry = {"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "No.", "output": "ignored"}
     out = encode_preference(entry, char_encode)
-    assert set(out) == {"prompt", "chosen", "rejected"}
+    assert set(out) == {"prompt", "chosen", "rejected", "response_start"}
     prompt = format_input(entry)
+    assert out["response_start"] == len(prompt) + 2  # past the blank line, at "### Response:"
     assert "### Input" not in prompt  # empty input: no Input section
     assert out["prompt"] == char_encode(prompt)
     assert out["chosen"] == char_encode(prompt + "\n\n### Response:\nHi!")
@@ -243,9 +244,13 @@ def test_encode_preference_with_gpt2_bpe(shared_dir):
     for key in ("chosen", "rejected"):
         assert out[key][: len(out["prompt"])] == out["prompt"]
         assert decode(out[key]) == f"{prompt_text}\n\n### Response:\n{BOOK_RECORD[key]}"
-    # Collated, the chosen mask covers exactly the response part (header + answer).
+    # "\n\n###" is three BPE tokens ("\n", "\n", "###"): the book masks the prompt + 2 newline tokens
+    # and scores the header "### Response:\n" and the answer; so does the collated mask.
+    assert out["response_start"] == len(out["prompt"]) + 2
     batch = collate_preferences([out])
-    assert int(batch["chosen_mask"].sum()) == len(out["chosen"]) - len(out["prompt"])
+    assert int(batch["chosen_mask"].sum()) == len(out["chosen"]) - len(out["prompt"]) - 2
+    scored = batch["chosen"][0][batch["chosen_mask"][0]].tolist()
+    assert decode(scored) == f"### Response:\n{BOOK_RECORD['chosen']}"
 
 
 # --- models -----------------------------------------------------------------------------------------------

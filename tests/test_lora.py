@@ -255,7 +255,14 @@ def test_lora_config_reports_settings() -> None:
     model = nano()
     assert lora_config(model) is None
     apply_lora(model, rank=RANK, alpha=8, targets=("c_proj", "c_attn"), dropout=0.1)
-    assert lora_config(model) == {"rank": RANK, "alpha": 8.0, "targets": ["c_attn", "c_proj"], "dropout": 0.1}
+    expected = {
+        "rank": RANK,
+        "alpha": 8.0,
+        "targets": ["c_attn", "c_proj"],
+        "dropout": 0.1,
+        "scale_by_rank": True,
+    }
+    assert lora_config(model) == expected
     apply_lora(model, rank=2, alpha=8, targets=("c_fc",))
     with pytest.raises(ValueError, match="differing"):
         lora_config(model)
