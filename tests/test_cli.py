@@ -100,3 +100,45 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
     )
     assert main(["import-gpt2", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "neither an existing directory nor a model name" in capsys.readouterr().err
+
+
+def test_import_book_reads_the_books_saved_model(tmp_path, capsys) -> None:
+    """A model saved by the book's ch. 5 code (its own layout and names) becomes a gptlab checkpoint."""
+    from gptlab.book_weights import to_book_state_dict
+    from gptlab.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("gpt-micro", n_layer=2, tie_weights=False, qkv_bias=False)
+    original = GPT(config, init="torch_default").eval()
+    state = to_book_state_dict(original)
+    assert "trf_blocks.1.att.W_value.weight" in state and "trf_blocks.0.att.mask" in state
+    # ch. 5 saves the model alone or together with the optimizer.
+    torch.save({"model_state_dict": state, "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
+    assert (
+        main(
+            ["import-book", str(tmp_path / "model_and_optimizer.pth"), str(tmp_path / "ck"), "--n-head", "2"]
+        )
+        == 0
+    )
+    model, _ = load_checkpoint(tmp_path / "ck")
+    x = torch.tensor([encode("Every effort moves you")])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), original(x))
+    assert "imported" in capsys.readouterr().err
+
+
+def test_import_book_refuses_pickled_code_and_other_files(tmp_path, capsys) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    assert main(["import-book", str(tmp_path / "evil.pth"), str(tmp_path / "ck"), "--n-head", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"gptlab import-book: error: {tmp_path / 'evil.pth'}: cannot be read with weights_only=True"
+    )
+    assert "\n" not in err and not (tmp_path / "ck").exists()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pth")
+    assert main(["import-book", str(tmp_path / "other.pth"), str(tmp_path / "ck"), "--n-head", "2"]) == 2
+    assert "not a state dict of the book's GPTModel" in capsys.readouterr().err
