@@ -5,16 +5,21 @@ whose own hash is not known (the UCI SMS Spam Collection), the sha256 of the mem
 staged in a temp directory and moved into place only when every source verified, so a failure leaves nothing
 half-written in the output directory. Book: ch. 2 (the-verdict.txt), ch. 6 (SMS spam zip), ch. 7 (instruction
 and preference JSON).
+
+``mirror`` names a local directory tried before the network: a file there named like the last component of a
+source's URL (``the-verdict.txt``, ``sms+spam+collection.zip``, …) is used when it verifies, so the book profile
+runs offline from local copies with its URLs unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptlab.download import extract_member, fetch
+from gptlab.download import DownloadError, extract_member, fetch
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
 from stages.common import stage_main
@@ -51,6 +56,28 @@ class DownloadParams:
     """Consecutive failed attempts allowed per source (resumes where the server allows)."""
     timeout: float = 30.0
     """Socket timeout in seconds."""
+    mirror: str | None = None
+    """Local directory (absolute, or relative to the repository root) searched first for each source by its
+    URL's file name; a copy that fails verification is reported and the URL is fetched instead."""
+
+
+def mirror_candidate(mirror: str | None, url: str) -> Path | None:
+    """The file in ``mirror`` named like ``url``'s last path component, if there is one."""
+    if not mirror:
+        return None
+    name = urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
+    candidate = Path(mirror).expanduser() / name
+    return candidate if name and candidate.is_file() else None
+
+
+def _fetch_source(src: Source, dest: Path, scratch: Path, location: str, **kw) -> str:
+    """Fetch one source from ``location`` into ``dest`` (extracting its member), verified; its sha256."""
+    if src.member is None:
+        return fetch(location, dest, sha256=src.sha256, **kw)
+    archive = scratch / f"{dest.name}.zip"
+    archive.unlink(missing_ok=True)
+    fetch(location, archive, sha256=src.sha256, **kw)
+    return extract_member(archive, src.member, dest, sha256=src.member_sha256)
 
 
 def download_all(
@@ -65,14 +92,19 @@ def download_all(
             if Path(name).name != name:
                 raise ValueError(f"download.sources key {name!r} must be a plain file name")
             kw = dict(retries=params.retries, timeout=params.timeout, progress=progress)
-            if src.member is None:
-                digest = fetch(src.url, staging / name, sha256=src.sha256, **kw)
-            else:
-                archive = Path(scratch) / f"{name}.zip"
-                fetch(src.url, archive, sha256=src.sha256, **kw)
-                digest = extract_member(archive, src.member, staging / name, sha256=src.member_sha256)
+            origin = src.url
+            candidate = mirror_candidate(params.mirror, src.url)
+            digest = None
+            if candidate is not None:
+                try:
+                    digest = _fetch_source(src, staging / name, Path(scratch), str(candidate), **kw)
+                    origin = str(candidate)
+                except DownloadError as exc:
+                    print(f"download: mirror copy {candidate} not used: {exc}")
+            if digest is None:
+                digest = _fetch_source(src, staging / name, Path(scratch), src.url, **kw)
             record[name] = {"url": src.url, "sha256": digest}
-            print(f"download: {name} <- {src.url} (sha256 {digest[:12]}…)")
+            print(f"download: {name} <- {origin} (sha256 {digest[:12]}…)")
     return record
 
 

@@ -47,3 +47,27 @@ def test_overrides_like_dvc_exp_run_set_param(repo: Path) -> None:
         profile.apply_overrides(["pretrain.train.learning_rate=1"], repo)
     with pytest.raises(ValueError, match="expected section.key=value"):
         profile.apply_overrides(["pretrain"], repo)
+
+
+def test_mirror_is_written_into_the_copy_keeping_its_comments(repo: Path, tmp_path: Path) -> None:
+    import yaml
+
+    mirror = tmp_path / "copies"
+    mirror.mkdir()
+    profile.activate("book", repo, mirror=str(mirror))
+    text = (repo / "params.yaml").read_text()
+    assert yaml.safe_load(text)["download"]["mirror"] == str(mirror)
+    assert "# ch. 5: train_ratio = 0.90" in text  # the profile's comments survive the edit
+    source = (repo / "profiles" / "book.yaml").read_text()
+    assert [ln for ln in text.splitlines() if "mirror" not in ln] == [
+        ln for ln in source.splitlines() if "mirror" not in ln
+    ]
+    with pytest.raises(ValueError, match="not a directory"):
+        profile.activate("book", repo, mirror=str(tmp_path / "missing"))
+
+
+def test_overrides_keep_comments(repo: Path) -> None:
+    profile.activate("book", repo)
+    profile.apply_overrides(["pretrain.train.epochs=2"], repo)
+    text = (repo / "params.yaml").read_text()
+    assert "epochs: 2" in text and "# the book trains in float32" in text

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from gptlab.download import DownloadError
-from stages.download import DownloadParams, Source, download_all
-from stages.params import ParamsError, load_section
+from stages.download import DownloadParams, Source, download_all, mirror_candidate
+from stages.params import ParamsError, from_dict, load_section
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
@@ -142,3 +142,36 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return env
+
+
+def test_the_book_profile_runs_offline_from_a_mirror(shared_dir, tmp_path, capsys) -> None:
+    """The book's real URLs (unreachable here) with ``mirror`` pointing at local copies: nothing is fetched."""
+    book = yaml.safe_load((REPO / "profiles" / "book.yaml").read_text())["download"]
+    book["mirror"] = str(shared_dir / "datasets")
+    params = from_dict(DownloadParams, book, "download")
+    record = download_all(params, tmp_path / "raw", progress=False)
+    assert record["corpus.txt"] == {"url": book["sources"]["corpus.txt"]["url"], "sha256": VERDICT_SHA}
+    assert record["sms_spam.tsv"]["sha256"] == SMS_MEMBER_SHA
+    assert capsys.readouterr().out.count(str(shared_dir / "datasets")) == 4
+
+
+def test_a_mirror_copy_that_fails_verification_falls_back_to_the_url(server, tmp_path, capsys) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "the-verdict.txt").write_text("not the story")
+    sources = {"corpus.txt": Source(server.url("/files/the-verdict.txt"), VERDICT_SHA)}
+    record = download_all(
+        DownloadParams(sources=sources, mirror=str(mirror)), tmp_path / "raw", progress=False
+    )
+    assert record["corpus.txt"]["sha256"] == VERDICT_SHA
+    out = capsys.readouterr().out
+    assert f"mirror copy {mirror / 'the-verdict.txt'} not used: sha256 mismatch" in out
+    assert [s.path for s in server.seen] == ["/files/the-verdict.txt"]
+
+
+def test_mirror_candidate_is_the_urls_file_name(tmp_path) -> None:
+    (tmp_path / "sms+spam+collection.zip").write_bytes(b"x")
+    url = "https://archive.ics.uci.edu/static/public/228/sms%2Bspam%2Bcollection.zip?download=1"
+    assert mirror_candidate(str(tmp_path), url) == tmp_path / "sms+spam+collection.zip"
+    assert mirror_candidate(str(tmp_path), "https://x/other.zip") is None
+    assert mirror_candidate(None, url) is None
