@@ -11,9 +11,14 @@ does the same through the official ``ollama`` Python client, with what a pipelin
   message saying how to start Ollama) when the judge cannot be reached;
 * :func:`summarize_scores` and :func:`compare_pairwise` (e.g. SFT vs DPO on the same test records).
 
-Determinism: the book sends ``temperature 0`` and ``seed 123``; so do we (:class:`JudgeConfig`). By default the
-request also carries a JSON schema as Ollama's ``format`` (structured outputs, Ollama >= 0.5), which constrains
-the reply to ``{"score": <int>}``; the prompt text itself stays the book's.
+Determinism: the book sends ``temperature 0``, ``seed 123`` and ``num_ctx 2048``; so do we (:class:`JudgeConfig`).
+By default the request also carries a JSON schema as Ollama's ``format`` (structured outputs, Ollama >= 0.5),
+which constrains the reply to ``{"score": <int>}``; the prompt text itself stays the book's. Even so the book's
+own judge score drifts between re-runs, so a run records what makes it repeatable: the judge model's digest
+(:func:`check_judge`), every option sent (:func:`request_options`), the raw replies, and with ``repeats: N``
+each question asked N times (:func:`summarize_repeats`: mean ± std per response and for the whole set).
+Cached answers are keyed by all of that (:func:`judge_identity`), so a re-pulled model with a new digest is
+asked again.
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ __all__ = [
     "JudgmentCache",
     "check_judge",
     "compare_pairwise",
+    "judge_identity",
     "judge_prompt",
     "parse_score",
+    "request_options",
     "score_responses",
+    "summarize_repeats",
     "summarize_scores",
 ]
 
@@ -176,21 +184,20 @@ def parse_score(reply: str) -> int | None:
 # --- cache --------------------------------------------------------------------------------------------------
 
 
-def _cache_key(model: str, prompt: str) -> str:
-    return hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()
+def _cache_key(judge: str, prompt: str) -> str:
+    return hashlib.sha256(f"{judge}\0{prompt}".encode()).hexdigest()
 
 
 class JudgmentCache:
-    """Append-only JSONL file keyed by ``sha256(judge model + "\\0" + prompt)``; thread-safe; survives restarts.
+    """Append-only JSONL file keyed by ``sha256(judge + "\\0" + prompt)``; thread-safe; survives restarts.
 
-    Each line is ``{"key", "model", "prompt", "score", "reply"}`` (the prompt is kept so the file can be
+    ``judge`` is :func:`judge_identity`: the model name and digest, the options sent, the output format and
+    the repeat index, so an answer is reused only for the same question to the same weights asked the same
+    way. Each line is ``{"key", "judge", "prompt", "score", "reply"}`` (the prompt is kept so the file can be
     audited). :meth:`get` returns ``{"score": int | None, "reply": str}`` or None; :meth:`put` appends a line
     and flushes it (a killed process loses at most the line being written; there is no fsync, so a power
-    loss may lose more). A key written twice resolves to the last line.
-
-    The key holds only the model name and the prompt: changing temperature, seed or ``use_schema`` does not
-    invalidate earlier answers (use another file for that), and ``"llama3"`` and ``"llama3:latest"`` are
-    different keys.
+    loss may lose more). A key written twice resolves to the last line. ``"llama3"`` and ``"llama3:latest"``
+    are different names.
 
     Loading: a last line cut off by a killed run (no trailing newline, not valid JSON) is dropped from the file
     with a warning, so the next append starts on a clean line; any other unreadable line is skipped with a
@@ -248,21 +255,21 @@ class JudgmentCache:
         with self._lock:
             return len(self._records)
 
-    def get(self, model: str, prompt: str) -> dict[str, Any] | None:
-        """``{"score", "reply"}`` stored for this judge model and prompt (a copy), or None."""
+    def get(self, judge: str, prompt: str) -> dict[str, Any] | None:
+        """``{"score", "reply"}`` stored for this judge and prompt (a copy), or None."""
         with self._lock:
-            record = self._records.get(_cache_key(model, prompt))
+            record = self._records.get(_cache_key(judge, prompt))
             return dict(record) if record is not None else None
 
-    def put(self, model: str, prompt: str, record: dict[str, Any]) -> None:
+    def put(self, judge: str, prompt: str, record: dict[str, Any]) -> None:
         """Store ``record`` (``{"score": int | None, "reply": str}``; other keys are ignored) and append it."""
         score, reply = record["score"], record["reply"]
         if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
             raise TypeError(f"score must be an int or None, got {score!r}")
         if not isinstance(reply, str):
             raise TypeError(f"reply must be a str, got {type(reply).__name__}")
-        key = _cache_key(model, prompt)
-        line = json.dumps({"key": key, "model": model, "prompt": prompt, "score": score, "reply": reply})
+        key = _cache_key(judge, prompt)
+        line = json.dumps({"key": key, "judge": judge, "prompt": prompt, "score": score, "reply": reply})
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # One write of one whole line, then flush: what a kill can leave is a torn last line, which
@@ -286,6 +293,10 @@ class JudgeConfig:
     model: str = "llama3"
     temperature: float = 0.0
     seed: int = 123
+    num_ctx: int = 2048
+    """Context window Ollama gives the judge (the book's ``query_model`` sends 2048)."""
+    repeats: int = 1
+    """Ask each question this many times (same request) to measure how repeatable the judge is."""
     timeout: float = 120.0
     retries: int = 3
     backoff: float = 1.0
@@ -293,6 +304,10 @@ class JudgeConfig:
     use_schema: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("repeats", "num_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if (
             isinstance(self.concurrency, bool)
             or not isinstance(self.concurrency, int)
@@ -344,13 +359,34 @@ def _canonical_model(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
-def check_judge(cfg: JudgeConfig) -> None:
-    """Fail fast, before any scoring: the Ollama server answers and has ``cfg.model``.
+def request_options(cfg: JudgeConfig) -> dict[str, Any]:
+    """The Ollama ``options`` every judge request carries."""
+    return {"temperature": cfg.temperature, "seed": cfg.seed, "num_ctx": cfg.num_ctx}
+
+
+def judge_identity(cfg: JudgeConfig, digest: str | None, repeat: int = 0) -> str:
+    """What makes two judge answers comparable, as a canonical JSON string (the cache's key part): model name
+    and weights digest, options, output format and which repeat."""
+    return json.dumps(
+        {
+            "model": cfg.model,
+            "digest": digest,
+            "options": request_options(cfg),
+            "schema": cfg.use_schema,
+            "repeat": repeat,
+        },
+        sort_keys=True,
+    )
+
+
+def check_judge(cfg: JudgeConfig) -> str | None:
+    """Fail fast, before any scoring: the Ollama server answers and has ``cfg.model``; returns its digest.
 
     Lists the server's models (``GET /api/tags``) with a short timeout (``min(cfg.timeout, 5)`` s). Raises
     :class:`JudgeUnavailableError`: ``judge at <host> is unreachable: <reason>; start Ollama with `ollama serve`
     and `ollama pull <model>``` or ``model <m> not available at <host>; run `ollama pull <m>```. Names are
-    compared with ``:latest`` added where no tag is given.
+    compared with ``:latest`` added where no tag is given. The digest (the sha256 Ollama lists for the model's
+    weights; None if the server gives none) identifies exactly which judge answered.
     """
     client = ollama.Client(host=cfg.host, timeout=min(cfg.timeout, 5.0))
     try:
@@ -360,9 +396,10 @@ def check_judge(cfg: JudgeConfig) -> None:
         raise _unreachable(cfg, e) from e
     finally:
         client.close()
-    available = {_canonical_model(m.model) for m in listed.models if m.model}
+    available = {_canonical_model(m.model): m.digest for m in listed.models if m.model}
     if _canonical_model(cfg.model) not in available:
         raise _missing_model(cfg)
+    return available[_canonical_model(cfg.model)] or None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -416,7 +453,7 @@ class _Judge:
                     model=cfg.model,
                     prompt=prompt,
                     format=SCORE_SCHEMA if schema else None,
-                    options={"temperature": cfg.temperature, "seed": cfg.seed},
+                    options=request_options(cfg),
                     stream=False,
                 )
                 return reply.response or "", attempt + 1
@@ -469,16 +506,19 @@ def score_responses(
     cfg: JudgeConfig,
     cache: JudgmentCache,
     *,
+    digest: str | None = None,
+    repeat: int = 0,
     progress: bool = True,
 ) -> list[dict]:
     """Judge each ``(entry, response)``; per item ``{"score": int | None, "reply": str, "cached": bool,
-    "attempts": int}``, in input order.
+    "attempts": int}``, in input order. ``digest`` (from :func:`check_judge`) and ``repeat`` (which of
+    ``cfg.repeats`` asks this is) are part of the cache key, :func:`judge_identity`.
 
-    * The prompt is :func:`judge_prompt`. A cache hit (same ``cfg.model`` and prompt) is reused without a
+    * The prompt is :func:`judge_prompt`. A cache hit (same judge identity and prompt) is reused without a
       request: ``cached`` True, ``attempts`` 0. Items with identical prompts in one call are asked once; the
       repeats count as cached.
     * Otherwise ``ollama.Client.generate`` with ``format=SCORE_SCHEMA`` (if ``cfg.use_schema``),
-      ``options={"temperature", "seed"}``, ``stream=False``. A reply :func:`parse_score` cannot read is
+      ``options=request_options(cfg)``, ``stream=False``. A reply :func:`parse_score` cannot read is
       re-asked once with the other format (see :meth:`_Judge.judge`); if that fails too the item keeps
       ``score`` None and the last reply: recorded as unparsed, never dropped or invented.
     * ``attempts`` counts the HTTP requests sent for the item, network re-tries included.
@@ -489,6 +529,7 @@ def score_responses(
       and items already in flight still finish and are cached.
     * At most ``cfg.concurrency`` requests in flight (a thread pool); a tqdm bar unless ``progress`` is False.
     """
+    identity = judge_identity(cfg, digest, repeat)
     prompts = [judge_prompt(entry, response) for entry, response in items]
     results: list[dict | None] = [None] * len(items)
     pending: dict[str, list[int]] = {}  # prompt -> indices waiting for it (in input order)
@@ -496,7 +537,7 @@ def score_responses(
         if prompt in pending:
             pending[prompt].append(i)
             continue
-        hit = cache.get(cfg.model, prompt)
+        hit = cache.get(identity, prompt)
         if hit is not None:
             results[i] = {"score": hit["score"], "reply": hit["reply"], "cached": True, "attempts": 0}
         else:
@@ -506,10 +547,11 @@ def score_responses(
 
     def work(prompt: str) -> dict[str, Any]:
         answer = judge.judge(prompt)
-        cache.put(cfg.model, prompt, answer)
+        cache.put(identity, prompt, answer)
         return answer
 
-    bar = tqdm(total=len(items), desc=f"judge {cfg.model}", unit="resp", disable=not progress)
+    desc = f"judge {cfg.model}" + (f" ({repeat + 1}/{cfg.repeats})" if cfg.repeats > 1 else "")
+    bar = tqdm(total=len(items), desc=desc, unit="resp", disable=not progress)
     bar.update(len(items) - sum(len(v) for v in pending.values()))
     executor = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="judge")
     try:
@@ -554,6 +596,36 @@ def summarize_scores(scores: list[int | None]) -> dict[str, Any]:
     else:
         summary |= {"mean": None, "median": None, "min": None, "max": None}
     return summary
+
+
+def summarize_repeats(runs: list[list[int | None]]) -> dict[str, Any]:
+    """Repeatability of a judge asked the same questions ``len(runs)`` times (``runs[k][i]``: repeat ``k``'s
+    score of response ``i``).
+
+    Returns ``per_response`` — ``{"mean", "std"}`` over the parsed scores of each response (None when none
+    parsed; ``std`` is the population standard deviation, 0.0 for one score) — and, for the whole set, the
+    mean score of each repeat (``run_means``) with their mean and standard deviation (``mean``, ``std``): how
+    far the headline number moves from one run of the judge to the next.
+    """
+    if not runs or len({len(r) for r in runs}) != 1:
+        raise ValueError("summarize_repeats needs one or more runs over the same responses")
+    per_response = []
+    for scores in zip(*runs, strict=True):
+        parsed = [s for s in scores if s is not None]
+        per_response.append(
+            {
+                "mean": float(statistics.fmean(parsed)) if parsed else None,
+                "std": float(statistics.pstdev(parsed)) if parsed else None,
+            }
+        )
+    run_means = [summarize_scores(r)["mean"] for r in runs]
+    known = [m for m in run_means if m is not None]
+    return {
+        "per_response": per_response,
+        "run_means": run_means,
+        "mean": float(statistics.fmean(known)) if known else None,
+        "std": float(statistics.pstdev(known)) if known else None,
+    }
 
 
 def compare_pairwise(a: list[int | None], b: list[int | None]) -> dict[str, Any]:

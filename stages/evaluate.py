@@ -1,8 +1,11 @@
 """Stage ``evaluate``: score the SFT and DPO test-set responses with an LLM judge through Ollama (book ch. 7.8).
 
 Each response is scored 0-100 by ``evaluate.judge.model`` at ``evaluate.judge.host`` with the book's prompt
-(temperature 0, fixed seed, a JSON-schema ``format``); unparsable replies are retried once and then counted as
-unparsed, never dropped or invented. Answers are cached by (judge model, prompt) so reruns ask nothing twice.
+(temperature 0, fixed seed, ``num_ctx`` 2048, a JSON-schema ``format``); unparsable replies are retried once and
+then counted as unparsed, never dropped or invented. ``judge.repeats: N`` asks every question N times and
+reports mean ± std per response and for each set. The judge's digest and every option sent are recorded with
+the metrics, the raw replies logged to MLflow. Answers are cached by judge (model, digest, options, repeat)
+and prompt, so reruns ask nothing twice and a changed judge is asked again.
 Reference-based metrics (ROUGE-L F1, exact match) need no judge, and the DPO records, which carry the SFT
 model's answer as ``reference_response``, give a pairwise SFT-vs-DPO comparison on the same prompts.
 
@@ -26,7 +29,9 @@ from gptlab.judge import (
     JudgmentCache,
     check_judge,
     compare_pairwise,
+    request_options,
     score_responses,
+    summarize_repeats,
     summarize_scores,
 )
 from gptlab.textmetrics import exact_match, rouge_l_f1
@@ -62,22 +67,22 @@ def evaluate(
 ) -> tuple[dict, pd.DataFrame]:
     """Score every set (judge when reachable) and compute reference metrics; returns (metrics, per-record table)."""
     cfg = JudgeConfig(**{k: v for k, v in vars(params.judge).items() if k != "required"})
-    status = "ok"
+    status, digest = "ok", None
     try:
-        check_judge(cfg)
+        digest = check_judge(cfg)
     except JudgeUnavailableError as exc:
         if params.judge.required:
             raise
         status = "unreachable"
         print(f"evaluate: judge unreachable, scoring skipped: {exc}")
     cache = JudgmentCache(cache_path)
-    rows, models = [], {}
+    rows, replies, models = [], [], {}
     for name, items in sets.items():
         items = items[: params.max_records] if params.max_records is not None else items
-        judged = (
-            score_responses(items, cfg, cache)
+        runs = (
+            [score_responses(items, cfg, cache, digest=digest, repeat=k) for k in range(cfg.repeats)]
             if status == "ok"
-            else [{"score": None, "reply": None, "cached": False}] * len(items)
+            else [[{"score": None, "reply": None, "cached": False}] * len(items)]
         )
         rouge = [rouge_l_f1(resp, entry["output"]) for entry, resp in items]
         exact = [exact_match(resp, entry["output"]) for entry, resp in items]
@@ -86,11 +91,15 @@ def evaluate(
             "exact_match": sum(exact) / max(len(exact), 1),
             "n": len(items),
         }
+        repeats = summarize_repeats([[j["score"] for j in run] for run in runs])
         if status == "ok":
-            summary.update(summarize_scores([j["score"] for j in judged]))
-            summary["cached"] = sum(j["cached"] for j in judged)
+            # The headline statistics are over every answer of every repeat; std is across repeats' means.
+            summary.update(summarize_scores([j["score"] for run in runs for j in run]))
+            summary.update(repeat_means=repeats["run_means"], repeat_std=repeats["std"])
+            summary["cached"] = sum(j["cached"] for run in runs for j in run)
         models[name] = summary
-        for (entry, resp), j, r, e in zip(items, judged, rouge, exact, strict=True):
+        for i, ((entry, resp), r, e) in enumerate(zip(items, rouge, exact, strict=True)):
+            answers = [run[i] for run in runs]
             rows.append(
                 {
                     "model": name,
@@ -98,30 +107,48 @@ def evaluate(
                     "input": entry["input"],
                     "output": entry["output"],
                     "response": resp,
-                    "score": j["score"],
-                    "judge_reply": j["reply"],
+                    "score": repeats["per_response"][i]["mean"],
+                    "score_std": repeats["per_response"][i]["std"],
+                    "judge_reply": answers[0]["reply"],
                     "rouge_l_f1": r,
                     "exact_match": e,
                 }
             )
-    columns = [
-        "model",
-        "instruction",
-        "input",
-        "output",
-        "response",
-        "score",
-        "judge_reply",
-        "rouge_l_f1",
-        "exact_match",
-    ]
-    table = pd.DataFrame.from_records(rows, columns=columns).astype({"score": "Int64"})
-    metrics = {"judge_status": status, "judge_model": cfg.model, "judge_host": cfg.host, "models": models}
+            if status == "ok":
+                replies += [
+                    {"set": name, "record": i, "repeat": k, "score": a["score"], "reply": a["reply"]}
+                    for k, a in enumerate(answers)
+                ]
+    table = pd.DataFrame.from_records(rows, columns=TABLE_COLUMNS).astype({"score": "float64"})
+    judge = {
+        "model": cfg.model,
+        "host": cfg.host,
+        "digest": digest,
+        "options": request_options(cfg),
+        "format": "json-schema" if cfg.use_schema else "text",
+        "repeats": cfg.repeats,
+    }
+    metrics = {"judge_status": status, "judge_model": cfg.model, "judge_host": cfg.host, "judge": judge}
+    metrics["models"] = models
     if status == "ok":
         ref = table[table.model == "sft_on_preference"]["score"].tolist()
         pol = table[table.model == "dpo"]["score"].tolist()
         metrics["sft_vs_dpo"] = compare_pairwise([_opt(s) for s in ref], [_opt(s) for s in pol])
-    return metrics, table
+    return metrics, table, replies
+
+
+TABLE_COLUMNS = [
+    "model",
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "score",
+    "score_std",
+    "judge_reply",
+    "rouge_l_f1",
+    "exact_match",
+]
 
 
 def _read_responses(path: Path, key: str) -> list[dict]:
@@ -137,8 +164,8 @@ def _read_responses(path: Path, key: str) -> list[dict]:
     return records
 
 
-def _opt(value) -> int | None:
-    return None if pd.isna(value) else int(value)
+def _opt(value) -> float | None:
+    return None if pd.isna(value) else float(value)
 
 
 def plot_scores(table: pd.DataFrame, path: Path) -> None:
@@ -156,7 +183,7 @@ def plot_scores(table: pd.DataFrame, path: Path) -> None:
             ax.set_axis_off()
             return
         for name, group in scored.groupby("model"):
-            ax.hist(group["score"].astype(int), bins=range(0, 105, 5), alpha=0.5, label=name)
+            ax.hist(group["score"], bins=range(0, 105, 5), alpha=0.5, label=name)
         ax.set_xlabel("judge score (0-100)")
         ax.set_ylabel("responses")
         ax.legend()
@@ -178,17 +205,29 @@ def main() -> None:
         sets = response_sets(
             _read_responses(args.sft, "model_response"), _read_responses(args.dpo, "reference_response")
         )
-        metrics, table = evaluate(sets, params, args.cache)
+        metrics, table, replies = evaluate(sets, params, args.cache)
         write_json(args.metrics, metrics)
         atomic_write(args.table, lambda tmp: table.to_parquet(tmp, index=False))
         plot_scores(table, args.plot)
-        tracking.log_metrics(metrics)
+        tracking.log_metrics(
+            {k: v for k, v in metrics.items() if k != "judge"}
+        )  # the judge's settings are params
+        tracking.mlflow.log_param("judge.digest", str(metrics["judge"]["digest"]))
         tracking.mlflow.log_table(data=table, artifact_file="evaluation_table.json")
+        if replies:  # every raw judge reply, each repeat apart: what the scores were read from
+            tracking.mlflow.log_text(
+                "".join(json.dumps(r) + "\n" for r in replies), artifact_file="judge_replies.jsonl"
+            )
         for path in (args.metrics, args.table, args.plot):
             tracking.mlflow.log_artifact(str(path))
     for name, m in metrics["models"].items():
+        spread = (
+            f" ± {m['repeat_std']:.1f} over {len(m['repeat_means'])} repeats"
+            if len(m.get("repeat_means", [])) > 1
+            else ""
+        )
         judged = (
-            f"judge mean {m['mean']:.1f}, unparsed {m['unparsed']}/{m['n']}"
+            f"judge mean {m['mean']:.1f}{spread}, unparsed {m['unparsed']}/{m['n'] * len(m['repeat_means'])}"
             if "mean" in m and m["mean"] is not None
             else f"judge: {metrics['judge_status']}"
         )

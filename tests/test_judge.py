@@ -27,9 +27,11 @@ from gptlab.judge import (
     JudgmentCache,
     check_judge,
     compare_pairwise,
+    judge_identity,
     judge_prompt,
     parse_score,
     score_responses,
+    summarize_repeats,
     summarize_scores,
 )
 
@@ -40,6 +42,7 @@ from gptlab.judge import (
 class FakeOllama:
     port: int = 0
     models: list[str] = field(default_factory=lambda: ["llama3:latest", "mistral:7b"])
+    digest: str = "d"  # what /api/tags lists as every model's digest
     # Consumed one per /api/generate request: "500", "400", "404", "stall" (sleep stall_s, then answer normally),
     # or any other string = the reply text. Once empty, replies come from `replies`.
     script: list[str] = field(default_factory=list)
@@ -88,7 +91,13 @@ def _handler(state: FakeOllama) -> type[BaseHTTPRequestHandler]:
             with state.cond:
                 state.tags_requests += 1
             models = [
-                {"name": m, "model": m, "modified_at": "2024-05-01T00:00:00Z", "size": 1, "digest": "d"}
+                {
+                    "name": m,
+                    "model": m,
+                    "modified_at": "2024-05-01T00:00:00Z",
+                    "size": 1,
+                    "digest": state.digest,
+                }
                 for m in state.models
             ]
             self._send(200, {"models": models})
@@ -405,7 +414,7 @@ def test_request_carries_schema_temperature_seed_and_the_books_prompt(fake: Fake
     assert request["model"] == "llama3"
     assert request["prompt"] == judge_prompt(ENTRY, "The car is as fast as a cheetah.")
     assert request["format"] == SCORE_SCHEMA
-    assert request["options"] == {"temperature": 0.0, "seed": 123}
+    assert request["options"] == {"temperature": 0.0, "seed": 123, "num_ctx": 2048}  # the book's query_model
     assert request["stream"] is False
 
 
@@ -670,3 +679,65 @@ def test_compare_pairwise_nothing_comparable_and_length_mismatch():
     assert result["compared"] == 0 and result["mean_difference"] is None and result["win_rate"] is None
     with pytest.raises(ValueError, match="lengths 2 and 1"):
         compare_pairwise([1, 2], [1])
+
+
+# --- reproducibility: digest, options, repeats ---------------------------------------------------------------
+
+
+def test_check_judge_returns_the_models_digest(fake: FakeOllama):
+    fake.digest = "sha256:abc123"
+    assert check_judge(JudgeConfig(host=fake.host, model="llama3")) == "sha256:abc123"
+
+
+def test_a_new_judge_digest_or_option_invalidates_cached_answers(fake: FakeOllama, tmp_path: Path):
+    cache = JudgmentCache(tmp_path / "j.jsonl")
+    cfg = JudgeConfig(host=fake.host, model="llama3", concurrency=1)
+    items = [(ENTRY, "a response")]
+    score_responses(items, cfg, cache, digest="old", progress=False)
+    score_responses(items, cfg, cache, digest="old", progress=False)
+    assert len(fake.requests) == 1  # same judge, same question: cached
+    [again] = score_responses(items, cfg, cache, digest="new", progress=False)
+    assert len(fake.requests) == 2 and not again["cached"]  # re-pulled model: asked again
+    score_responses(
+        items, JudgeConfig(host=fake.host, model="llama3", num_ctx=4096), cache, digest="new", progress=False
+    )
+    assert len(fake.requests) == 3 and fake.requests[-1]["options"]["num_ctx"] == 4096
+    score_responses(items, cfg, cache, digest="new", repeat=1, progress=False)
+    assert len(fake.requests) == 4  # a repeat is asked, not read back from repeat 0
+
+
+def test_judge_identity_names_everything_that_shapes_an_answer():
+    identity = json.loads(judge_identity(JudgeConfig(model="llama3:8b"), "sha256:x", repeat=2))
+    assert identity == {
+        "model": "llama3:8b",
+        "digest": "sha256:x",
+        "options": {"temperature": 0.0, "seed": 123, "num_ctx": 2048},
+        "schema": True,
+        "repeat": 2,
+    }
+
+
+def test_summarize_repeats_hand_computed():
+    # Three repeats over three responses; response 2 was unparsable once.
+    runs = [[80, 40, None], [90, 40, 10], [70, 40, 30]]
+    out = summarize_repeats(runs)
+    assert out["per_response"][0] == {"mean": 80.0, "std": pytest.approx((200 / 3) ** 0.5)}
+    assert out["per_response"][1] == {"mean": 40.0, "std": 0.0}
+    assert out["per_response"][2] == {"mean": 20.0, "std": 10.0}
+    assert out["run_means"] == [60.0, pytest.approx(140 / 3), pytest.approx(140 / 3)]
+    assert out["mean"] == pytest.approx((60 + 280 / 3) / 3)
+    assert out["std"] == pytest.approx(statistics_pstdev([60, 140 / 3, 140 / 3]))
+    with pytest.raises(ValueError, match="same responses"):
+        summarize_repeats([[1, 2], [3]])
+
+
+def statistics_pstdev(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def test_repeats_and_num_ctx_are_validated():
+    with pytest.raises(ValueError, match="repeats"):
+        JudgeConfig(repeats=0)
+    with pytest.raises(ValueError, match="num_ctx"):
+        JudgeConfig(num_ctx=0)

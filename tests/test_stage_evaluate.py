@@ -63,7 +63,7 @@ def _closed_port() -> int:
 
 def test_unreachable_judge_still_computes_reference_metrics(tmp_path) -> None:
     params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}", required=False))
-    metrics, table = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+    metrics, table, _ = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
     assert metrics["judge_status"] == "unreachable" and "sft_vs_dpo" not in metrics
     sft = metrics["models"]["sft"]
     assert sft["n"] == 3 and sft["exact_match"] == pytest.approx(1 / 3)
@@ -75,7 +75,7 @@ def test_unreachable_judge_still_computes_reference_metrics(tmp_path) -> None:
 
 def test_nothing_to_score_is_not_a_crash(tmp_path) -> None:
     params = EvaluateParams(judge=JudgeParams(host=f"http://127.0.0.1:{_closed_port()}"), max_records=0)
-    metrics, table = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+    metrics, table, _ = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
     assert table.empty and metrics["models"]["sft"]["n"] == 0
 
 
@@ -152,7 +152,7 @@ def test_judge_through_gptlab_serve_with_cache(judge_server, tmp_path) -> None:
         judge=JudgeParams(host=host, model="judge", use_schema=False, timeout=60, concurrency=2)
     )
     sets = response_sets(*_records())
-    metrics, table = evaluate(sets, params, tmp_path / "cache.jsonl")
+    metrics, table, _ = evaluate(sets, params, tmp_path / "cache.jsonl")
     assert metrics["judge_status"] == "ok" and metrics["judge_model"] == "judge"
     for name, expected in (("sft", 3), ("sft_on_preference", 2), ("dpo", 2)):
         m = metrics["models"][name]
@@ -164,7 +164,32 @@ def test_judge_through_gptlab_serve_with_cache(judge_server, tmp_path) -> None:
     assert asked >= 7  # one request per record, plus one re-ask per unparsable reply
     assert len(JudgmentCache(tmp_path / "cache.jsonl")) == 7
 
-    again, table2 = evaluate(sets, params, tmp_path / "cache.jsonl")
+    again, table2, _ = evaluate(sets, params, tmp_path / "cache.jsonl")
     assert log.getvalue().count("/api/generate") == asked  # the rerun asked nothing
     assert all(again["models"][n]["cached"] == again["models"][n]["n"] for n in again["models"])
     assert table2["score"].equals(table["score"])
+
+
+def test_repeats_digest_and_options_are_recorded(judge_server, tmp_path) -> None:
+    import hashlib
+
+    host, log = judge_server
+    params = EvaluateParams(
+        judge=JudgeParams(host=host, model="judge", use_schema=False, timeout=60, repeats=2, temperature=0.0)
+    )
+    metrics, table, replies = evaluate(response_sets(*_records()), params, tmp_path / "cache.jsonl")
+    weights = (tmp_path / "judge" / "model.safetensors").read_bytes()
+    judge = metrics["judge"]
+    # gptlab serve reports the sha256 of the checkpoint's weights: stable for a checkpoint, new when it changes.
+    assert judge["digest"] == hashlib.sha256(weights).hexdigest()
+    assert judge["options"] == {"temperature": 0.0, "seed": 123, "num_ctx": 2048} and judge["repeats"] == 2
+    assert len(replies) == 2 * 7 and {r["repeat"] for r in replies} == {0, 1}
+    for name in ("sft", "dpo"):
+        assert len(metrics["models"][name]["repeat_means"]) == 2
+    # Greedy decoding of a fixed checkpoint answers the same twice: the spread is measured, and it is zero.
+    by_record = {}
+    for r in replies:
+        by_record.setdefault((r["set"], r["record"]), []).append(r["reply"])
+    assert all(a == b for a, b in by_record.values())
+    assert table["score_std"].dropna().eq(0).all()
+    assert len(JudgmentCache(tmp_path / "cache.jsonl")) == 14
