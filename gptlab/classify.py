@@ -24,7 +24,7 @@ from gptlab.model import GPT
 TRAINABLE = ("head", "last_block", "all", "lora")
 
 
-def _tab_fields(text: str, quoting: bool) -> Iterable[tuple[int, list[str]]]:
+def _tab_fields(text: str, quoting: bool, source: str) -> Iterable[tuple[int, list[str]]]:
     """(line number, fields) of each non-blank record."""
     if not quoting:
         for n, line in enumerate(text.splitlines(), start=1):
@@ -33,11 +33,20 @@ def _tab_fields(text: str, quoting: bool) -> Iterable[tuple[int, list[str]]]:
                 yield n, [label, message] if sep else [line]
         return
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
-    start = 1
+    start = last = 1
     for fields in reader:
         if any(f.strip() for f in fields):
             yield start, fields
+            last = start
         start = reader.line_num + 1
+    # A quote that never closes runs to the end of the file; pandas refuses that ("EOF inside string"), and
+    # so do we rather than read the rest of the file as one message. strict parsing finds it.
+    tail = "".join(text.splitlines(keepends=True)[last - 1 :])
+    try:
+        list(csv.reader(io.StringIO(tail, newline=""), delimiter="\t", strict=True))
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise ValueError(f"{source}: line {last}: a quote opened here is never closed") from None
 
 
 def parse_labeled_tsv(
@@ -51,7 +60,7 @@ def parse_labeled_tsv(
     """
     index = {name: i for i, name in enumerate(labels)}
     out = []
-    for n, fields in _tab_fields(text, quoting):
+    for n, fields in _tab_fields(text, quoting, source):
         label, message = fields[0], "\t".join(fields[1:])
         if len(fields) < 2 or not message.strip():
             raise ValueError(f"{source}: line {n}: expected 'label<TAB>text'")
@@ -110,13 +119,34 @@ def encode_padded(
     return torch.tensor([r + [pad_id] * (max_length - len(r)) for r in rows], dtype=torch.long)
 
 
-def to_classifier(model: GPT, num_classes: int) -> GPT:
-    """A copy of ``model`` whose head predicts ``num_classes`` classes (new head randomly initialised)."""
-    clf = GPT(model.config.replace(num_classes=num_classes))
+HEAD_INITS = ("gpt2", "torch_default")
+
+
+def to_classifier(model: GPT, num_classes: int, *, head_init: str = "gpt2") -> GPT:
+    """A copy of ``model`` whose head predicts ``num_classes`` classes, the new head drawn from the global RNG.
+
+    ``head_init``: ``gpt2`` draws it as part of a freshly initialised GPT-2 (N(0, 0.02), zero bias);
+    ``torch_default`` is the book's ``torch.manual_seed(123); model.out_head = nn.Linear(768, 2)``: PyTorch's
+    default init and the head's draws only, so after the same seed the head equals the book's.
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
-    missing, unexpected = clf.load_state_dict(state, strict=False)
+    config = model.config.replace(num_classes=num_classes)
+    device = next(model.parameters()).device
+    if head_init == "gpt2":
+        clf = GPT(config)
+        missing, unexpected = clf.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("lm_head.") for k in missing), (missing, unexpected)
+        return clf.to(device)
+    with torch.device("meta"):  # the body comes from ``model``: draw nothing for it
+        clf = GPT(config)
+    clf.lm_head = nn.Linear(config.n_embd, num_classes, device=device)  # the book's new out_head
+    missing, unexpected = clf.load_state_dict(
+        {k: v.clone() for k, v in state.items()}, strict=False, assign=True
+    )
     assert not unexpected and all(k.startswith("lm_head.") for k in missing), (missing, unexpected)
-    return clf.to(next(model.parameters()).device)
+    return clf.to(device)
 
 
 def set_trainable(model: GPT, mode: str) -> None:

@@ -66,7 +66,16 @@ def _cmd_import_book(args: argparse.Namespace) -> None:
             f"{args.src}: cannot be read with weights_only=True ({str(exc).splitlines()[0]})"
         ) from None
     model = load_book_model(obj, n_head=args.n_head)
-    save_checkpoint(model, args.dst, meta={"source": str(args.src), "kind": "book-import"})
+    meta = {"source": str(args.src), "kind": "book-import"}
+    if model.config.num_classes is not None:  # a ch. 6 classifier: what `gptlab classify` needs to run it
+        labels = args.labels.split(",") if args.labels else None
+        if labels is None or len(labels) != model.config.num_classes or args.max_length is None:
+            raise ValueError(
+                f"{args.src}: a {model.config.num_classes}-class classifier: give --labels (e.g. ham,spam, in "
+                "class-index order) and --max-length (the padded length it was trained with; 120 in ch. 6)"
+            )
+        meta |= {"labels": labels, "max_length": args.max_length}
+    save_checkpoint(model, args.dst, meta=meta)
     print(
         f"imported {model.num_params() / 1e6:.1f}M parameters from {args.src} -> {args.dst}", file=sys.stderr
     )
@@ -155,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--n-head", type=int, required=True, help="attention heads (the book's n_heads; 12 for 124M)"
     )
+    b.add_argument(
+        "--labels", help="a classifier's class names in index order, comma-separated (ch. 6: ham,spam)"
+    )
+    b.add_argument("--max-length", type=int, help="a classifier's padded input length (ch. 6: 120)")
     b.set_defaults(func=_cmd_import_book)
 
     c = sub.add_parser(

@@ -215,7 +215,11 @@ class ShardWriter:
             or not 0 <= val_fraction < 1
         ):
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-        if train_tokens is not None and not 0 <= train_tokens <= self.num_tokens:
+        if train_tokens is not None and (
+            isinstance(train_tokens, bool)
+            or not isinstance(train_tokens, int | np.integer)
+            or not 0 <= train_tokens <= self.num_tokens
+        ):
             raise ValueError(f"train_tokens must be in [0, {self.num_tokens}], got {train_tokens!r}")
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"extra must be a dict or None, got {type(extra).__name__}")

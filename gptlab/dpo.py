@@ -102,6 +102,13 @@ def collate_preferences(
             mask[i, start : len(seq)] = True
         if allowed_max_length is not None:
             ids, mask = ids[:, :allowed_max_length], mask[:, :allowed_max_length]
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            i = empty[0]
+            raise ValueError(
+                f"preference record {i} of the batch has no {key} response tokens to score (prompt of "
+                f"{len(batch[i]['prompt'])} tokens, allowed_max_length={allowed_max_length}): raise max_length"
+            )
         out[key], out[f"{key}_mask"] = ids.contiguous(), mask.contiguous()
     return out
 

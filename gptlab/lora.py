@@ -6,10 +6,10 @@ so a layer computes ``y = x Wᵀ + b + dropout(x) Aᵀ Bᵀ · alpha / rank``. `
 adapter leaves the model's outputs unchanged; after training, :func:`merge_lora` folds ``ΔW`` into ``W`` and
 the model is a plain GPT again (no inference overhead, GPT-2 checkpoint keys).
 
-Scaling follows the paper and Hugging Face peft (``alpha / rank``) by default; ``scale_by_rank=False``
-multiplies by ``alpha`` alone, as the printed book's appendix E ``LoRALayer`` (``x @ A @ B * alpha``).
-The book's ``A`` is stored transposed (in, rank); here ``A``/``B`` follow ``nn.Linear``'s (out, in) layout,
-as in the paper and peft.
+Two conventions (``convention``): ``peft`` (the default) scales by ``alpha / rank`` and draws ``A`` Kaiming-uniform
+over its (rank, in) layout, as the paper's reference code and Hugging Face peft; ``book`` is the printed book's
+appendix E ``LoRALayer``: ``x @ A @ B * alpha`` (no division by rank), with ``A`` drawn over the book's (in, rank)
+layout, i.e. uniform in ±1/sqrt(rank). Either way ``A``/``B`` are stored in ``nn.Linear``'s (out, in) layout.
 
 Typical use (book ch. 6 classifier with LoRA)::
 
@@ -35,11 +35,12 @@ LORA_TARGETS: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
 (``mlp.c_proj``) projections — every linear layer in a block (the book's appendix E replaces them all too)."""
 
 _LORA_PARAMS = ("lora_A", "lora_B")
+CONVENTIONS = ("peft", "book")
 
 
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a low-rank update: ``y = x Wᵀ + b + (dropout(x) Aᵀ Bᵀ) · scaling``, where
-    ``scaling`` is ``alpha / rank`` (or ``alpha`` with ``scale_by_rank=False``, the book's appendix E).
+    ``scaling`` is ``alpha / rank`` (``convention="peft"``) or ``alpha`` (``"book"``, the book's appendix E).
 
     Subclasses ``nn.Linear`` so the frozen base keeps the parameter names ``weight``/``bias`` (checkpoint keys
     stay GPT-2's) and code that checks ``isinstance(m, nn.Linear)`` still sees a linear layer. Adds ``lora_A``
@@ -57,7 +58,7 @@ class LoRALinear(nn.Linear):
         rank: int,
         alpha: float,
         dropout: float = 0.0,
-        scale_by_rank: bool = True,
+        convention: str = "peft",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,8 +66,10 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
         self.alpha = float(alpha)
-        self.scale_by_rank = bool(scale_by_rank)
-        self.scaling = self.alpha / rank if scale_by_rank else self.alpha
+        if convention not in CONVENTIONS:
+            raise ValueError(f"LoRA convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+        self.convention = convention
+        self.scaling = self.alpha / rank if convention == "peft" else self.alpha
         self.dropout = float(dropout)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
@@ -76,13 +79,20 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """``A`` Kaiming-uniform (peft's ``a=sqrt(5)``, i.e. nn.Linear's default), ``B`` zeros."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """``A`` Kaiming-uniform (``a=sqrt(5)``, nn.Linear's default) over the convention's layout, ``B`` zeros."""
+        if self.convention == "book":
+            # The book's A is (in, rank): its fan-in is the rank, so A ~ U(±1/sqrt(rank)).
+            a = torch.empty(self.in_features, self.rank, device=self.lora_A.device, dtype=self.lora_A.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            with torch.no_grad():
+                self.lora_A.copy_(a.T)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0, scale_by_rank: bool = True
+        cls, linear: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0, convention: str = "peft"
     ) -> LoRALinear:
         """Wrap ``linear``: its ``weight``/``bias`` Parameters are reused (same tensors, no copy), so tying,
         ``requires_grad`` and optimizer references carry over; the adapter gets the weight's device/dtype."""
@@ -97,7 +107,7 @@ class LoRALinear(nn.Linear):
             rank=rank,
             alpha=alpha,
             dropout=dropout,
-            scale_by_rank=scale_by_rank,
+            convention=convention,
             device="meta",
             dtype=weight.dtype,
         )
@@ -158,7 +168,7 @@ def apply_lora(
     alpha: float,
     targets: Sequence[str] = LORA_TARGETS,
     dropout: float = 0.0,
-    scale_by_rank: bool = True,
+    convention: str = "peft",
 ) -> list[str]:
     """Wrap every ``nn.Linear`` whose attribute name (last component of its qualified name) is in ``targets``
     in a :class:`LoRALinear`, in place; returns the qualified names wrapped, sorted.
@@ -193,9 +203,7 @@ def apply_lora(
     for name, m in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoRALinear.from_linear(
-            m, rank=rank, alpha=alpha, dropout=dropout, scale_by_rank=scale_by_rank
-        )
+        layer = LoRALinear.from_linear(m, rank=rank, alpha=alpha, dropout=dropout, convention=convention)
         setattr(parent, attr, layer)
     return [name for name, _ in chosen]
 
@@ -246,24 +254,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_config(model: nn.Module) -> dict | None:
-    """``{"rank", "alpha", "targets", "dropout", "scale_by_rank"}`` of the LoRA layers in ``model`` (targets:
+    """``{"rank", "alpha", "targets", "dropout", "convention"}`` of the LoRA layers in ``model`` (targets:
     their sorted attribute names), or None when there are none. Layers with differing settings are an error."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         return None
-    settings = {(m.rank, m.alpha, m.dropout, m.scale_by_rank) for _, m in layers}
+    settings = {(m.rank, m.alpha, m.dropout, m.convention) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError(
-            f"LoRA layers have differing (rank, alpha, dropout, scale_by_rank): {sorted(settings)}"
-        )
-    ((rank, alpha, dropout, scale_by_rank),) = settings
+        raise ValueError(f"LoRA layers have differing (rank, alpha, dropout, convention): {sorted(settings)}")
+    ((rank, alpha, dropout, convention),) = settings
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
     return {
         "rank": rank,
         "alpha": alpha,
         "targets": targets,
         "dropout": dropout,
-        "scale_by_rank": scale_by_rank,
+        "convention": convention,
     }
 
 

@@ -109,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         if self.decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.eval_first and not self.eval_interval:
+            raise ValueError("eval_first needs eval_interval > 0 (it shifts the periodic evaluations)")
         if self.weight_decay_scope not in ("matrices", "all"):
             raise ValueError(
                 f"weight_decay_scope must be 'matrices' or 'all', got {self.weight_decay_scope!r}"

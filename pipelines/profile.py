@@ -53,28 +53,32 @@ def _set(params, key: str, value, what: str) -> None:
     node[last] = value
 
 
-def _edit(root: Path, changes: list[tuple[str, object, str]]) -> None:
-    """Set ``(dotted key, value, what)`` in params.yaml, keeping its comments; ``what`` names the change in errors."""
+def _edited(text: str, changes: list[tuple[str, object, str]]) -> str:
+    """``text`` (params YAML) with ``(dotted key, value, what)`` set, comments kept; ``what`` names the change
+    in errors."""
+    if not changes:
+        return text
     rt = _round_trip()
-    path = root / "params.yaml"
-    params = rt.load(path.read_text()) or {}
+    params = rt.load(text) or {}
     for key, value, what in changes:
         _set(params, key, value, what)
     out = io.StringIO()
     rt.dump(params, out)
-    write_text(path, out.getvalue())
+    return out.getvalue()
 
 
 def activate(name: str, root: Path = ROOT, *, mirror: str | None = None) -> Path:
-    """Copy ``profiles/<name>.yaml`` to params.yaml; ``mirror`` sets ``download.mirror`` in the copy."""
+    """Copy ``profiles/<name>.yaml`` to params.yaml; ``mirror`` sets ``download.mirror`` in the copy. Written
+    once, when complete: a failure leaves params.yaml as it was."""
     source = root / "profiles" / f"{name}.yaml"
     if not source.is_file():
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(available(root))}")
-    if mirror is not None and not Path(mirror).expanduser().is_dir():
-        raise ValueError(f"--mirror {mirror}: not a directory")
-    write_text(root / "params.yaml", source.read_text())
+    changes = []
     if mirror is not None:
-        _edit(root, [("download.mirror", str(Path(mirror).expanduser().resolve()), "--mirror")])
+        if not Path(mirror).expanduser().is_dir():
+            raise ValueError(f"--mirror {mirror}: not a directory")
+        changes.append(("download.mirror", str(Path(mirror).expanduser().resolve()), "--mirror"))
+    write_text(root / "params.yaml", _edited(source.read_text(), changes))
     return source
 
 
@@ -87,7 +91,8 @@ def apply_overrides(overrides: list[str], root: Path = ROOT) -> None:
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected section.key=value")
         changes.append((key, yaml.safe_load(raw), f"override {item!r}"))
-    _edit(root, changes)
+    path = root / "params.yaml"
+    write_text(path, _edited(path.read_text(), changes))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import torch
 from gptlab import lora
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.classify import (
+    HEAD_INITS,
     accuracy,
     balance,
     classification_loss,
@@ -36,7 +37,7 @@ from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
 from stages.common import plot_confusion, plot_curves, resolve_device, stage_main, write_history_csv
-from stages.params import load_section
+from stages.params import check_choice, load_section
 
 LABELS = ("ham", "spam")
 REGISTERED_NAME = "gptlab-spam-classifier"
@@ -50,8 +51,9 @@ class LoraParams:
     """Layers to adapt; with ``lm_head`` among them the new head gets an adapter and its own weights stay
     frozen (the book's appendix E wraps every linear layer), otherwise the head trains in full."""
     dropout: float = 0.0
-    scale_by_rank: bool = True
-    """Scale the update by alpha / rank (paper, peft); false: by alpha alone (the printed book's appendix E)."""
+    convention: str = "peft"
+    """``peft``: update scaled by alpha / rank (the paper, Hugging Face peft); ``book``: the printed book's
+    appendix E ``LoRALayer`` (scaled by alpha alone, A drawn over its (in, rank) layout)."""
     merge: bool = True
     """Merge the adapters into the weights on save (False keeps them separate in the checkpoint)."""
 
@@ -69,6 +71,9 @@ class ClassifyParams:
     """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
     trainable: str = "last_block"
     """head | last_block | all | lora."""
+    head_init: str = "gpt2"
+    """The new 2-class head (gptlab.classify.HEAD_INITS): ``gpt2`` (N(0, 0.02)) or ``torch_default``
+    (``nn.Linear``'s default, drawn right after ``seed`` as the book's ch. 6)."""
     lora: LoraParams = field(default_factory=LoraParams)
     batch_size: int = 8
     drop_last: bool = False
@@ -81,8 +86,8 @@ class ClassifyParams:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.data_order not in ORDERS:
-            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+        check_choice("data_order", self.data_order, ORDERS)
+        check_choice("head_init", self.head_init, HEAD_INITS)
 
 
 def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int):
@@ -108,7 +113,7 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
 def build_model(base: Path, params: ClassifyParams, device: str):
     model, _ = load_checkpoint(base)
     torch.manual_seed(params.seed)  # the new head's initialisation
-    model = to_classifier(model, len(LABELS))
+    model = to_classifier(model, len(LABELS), head_init=params.head_init)
     if params.trainable == "lora":
         lora.apply_lora(
             model,
@@ -116,7 +121,7 @@ def build_model(base: Path, params: ClassifyParams, device: str):
             alpha=params.lora.alpha,
             targets=params.lora.targets,
             dropout=params.lora.dropout,
-            scale_by_rank=params.lora.scale_by_rank,
+            convention=params.lora.convention,
         )
         lora.mark_trainable(model, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:

@@ -60,6 +60,10 @@ class DownloadParams:
     """Local directory (absolute, or relative to the repository root) searched first for each source by its
     URL's file name; a copy that fails verification is reported and the URL is fetched instead."""
 
+    def __post_init__(self) -> None:
+        if self.mirror is not None and not Path(self.mirror).expanduser().is_dir():
+            raise ValueError(f"mirror: {self.mirror} is not a directory")
+
 
 def mirror_candidate(mirror: str | None, url: str) -> Path | None:
     """The file in ``mirror`` named like ``url``'s last path component, if there is one."""

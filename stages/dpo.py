@@ -37,7 +37,7 @@ from stages.common import (
     stage_main,
     write_history_csv,
 )
-from stages.params import load_section
+from stages.params import check_choice, load_section
 from stages.responses import generate_responses, write_responses
 
 REGISTERED_NAME = "gptlab-dpo"
@@ -74,10 +74,8 @@ class DpoParams:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
-        if self.data_order not in ORDERS:
-            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_choice("data_order", self.data_order, ORDERS)
         if self.train.eval_train:
             raise ValueError(
                 "train.eval_train: the DPO stage measures train loss and rewards itself (eval_batches)"

@@ -62,6 +62,20 @@ def response_sets(sft: list[dict], dpo: list[dict]) -> dict[str, list[tuple[dict
     }
 
 
+TABLE_COLUMNS = [
+    "model",
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "score",
+    "score_std",
+    "judge_reply",
+    "rouge_l_f1",
+    "exact_match",
+]
+
+
 def evaluate(
     sets: dict[str, list[tuple[dict, str]]], params: EvaluateParams, cache_path: Path
 ) -> tuple[dict, pd.DataFrame]:
@@ -94,8 +108,11 @@ def evaluate(
         repeats = summarize_repeats([[j["score"] for j in run] for run in runs])
         if status == "ok":
             # The headline statistics are over every answer of every repeat; std is across repeats' means.
-            summary.update(summarize_scores([j["score"] for run in runs for j in run]))
-            summary.update(repeat_means=repeats["run_means"], repeat_std=repeats["std"])
+            # Mean, median and unparsed are over every answer of every repeat; repeat_std is the spread of the
+            # repeats' means. n stays the number of responses, answers counts the judge's replies.
+            scores = summarize_scores([j["score"] for run in runs for j in run])
+            scores["answers"] = scores.pop("n")
+            summary.update(scores, repeat_means=repeats["run_means"], repeat_std=repeats["std"])
             summary["cached"] = sum(j["cached"] for run in runs for j in run)
         models[name] = summary
         for i, ((entry, resp), r, e) in enumerate(zip(items, rouge, exact, strict=True)):
@@ -135,20 +152,6 @@ def evaluate(
         pol = table[table.model == "dpo"]["score"].tolist()
         metrics["sft_vs_dpo"] = compare_pairwise([_opt(s) for s in ref], [_opt(s) for s in pol])
     return metrics, table, replies
-
-
-TABLE_COLUMNS = [
-    "model",
-    "instruction",
-    "input",
-    "output",
-    "response",
-    "score",
-    "score_std",
-    "judge_reply",
-    "rouge_l_f1",
-    "exact_match",
-]
 
 
 def _read_responses(path: Path, key: str) -> list[dict]:
@@ -227,7 +230,7 @@ def main() -> None:
             else ""
         )
         judged = (
-            f"judge mean {m['mean']:.1f}{spread}, unparsed {m['unparsed']}/{m['n'] * len(m['repeat_means'])}"
+            f"judge mean {m['mean']:.1f}{spread}, unparsed {m['unparsed']}/{m['answers']}"
             if "mean" in m and m["mean"] is not None
             else f"judge: {metrics['judge_status']}"
         )

@@ -122,6 +122,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported params type {tp!r} at {where}")
 
 
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError naming ``key`` unless ``value`` is one of ``choices`` (for a params dataclass's __post_init__)."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def section_keys(cls: type) -> set[str]:
     """Top-level keys a section for ``cls`` may hold (for the params/dataclass/dvc.yaml agreement test)."""
     return {f.name for f in dataclasses.fields(cls)}

@@ -29,7 +29,7 @@ from gptlab.tokenizer import EOT_ID, decode, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
 from stages.common import plot_curves, resolve_device, stage_main, write_history_csv
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, check_choice, load_section
 
 
 @dataclass
@@ -57,10 +57,8 @@ class PretrainParams:
     sample_top_k: int | None = None
 
     def __post_init__(self) -> None:
-        if self.init not in INIT_SCHEMES:
-            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
-        if self.data_order not in ORDERS:
-            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+        check_choice("init", self.init, INIT_SCHEMES)
+        check_choice("data_order", self.data_order, ORDERS)
 
 
 def build_model(params: PretrainParams) -> GPT:

@@ -27,7 +27,7 @@ from stages.common import (
     stage_main,
     write_history_csv,
 )
-from stages.params import load_section
+from stages.params import check_choice, load_section
 from stages.responses import generate_responses, write_responses
 
 REGISTERED_NAME = "gptlab-sft"
@@ -38,9 +38,9 @@ class SftParams:
     seed: int = 123
     """Seed of the split and batch shuffling."""
     skip_invalid: bool = False
+    """Skip (and count) records with missing/empty fields instead of failing."""
     split_shuffle: bool = True
     """Shuffle the records (seeded) before the 85/10/5 split; false splits in file order, as the book's ch. 7."""
-    """Skip (and count) records with missing/empty fields instead of failing."""
     train_frac: float = 0.85
     test_frac: float = 0.10
     mask_prompt: bool = False
@@ -60,8 +60,7 @@ class SftParams:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.data_order not in ORDERS:
-            raise ValueError(f"data_order must be one of {', '.join(ORDERS)}, got {self.data_order!r}")
+        check_choice("data_order", self.data_order, ORDERS)
 
 
 @stage_main("sft")

@@ -81,6 +81,8 @@ def count_chars(path: Path, block_chars: int = 1 << 20) -> int:
 def read_chunks(path: Path, chunk_chars: int, *, start: int = 0, stop: int | None = None) -> Iterator[str]:
     """Yield consecutive pieces of characters ``[start, stop)`` of a text file, each cut where tokenization
     cannot change (the last piece ends at ``stop``, wherever that is)."""
+    if start < 0 or (stop is not None and stop < start):
+        raise ValueError(f"read_chunks: need 0 <= start <= stop, got start={start}, stop={stop}")
     carry = ""
     remaining = stop - start if stop is not None else None
     with open(path, encoding="utf-8", newline="") as f:

@@ -30,6 +30,7 @@ from gptlab.classify import (
     encode_padded,
     parse_labeled_tsv,
     split,
+    to_classifier,
 )
 from gptlab.config import GPTConfig
 from gptlab.data import ShardWriter, TokenStream, WindowLoader
@@ -282,6 +283,24 @@ def test_spam_dataset_padding_equals_encode_padded(sms_tsv: str, tmp_path: Path,
     assert torch.equal(torch.stack([book[i][0] for i in range(len(book))]), ours)
 
 
+def test_classifier_head_init_is_the_books_new_out_head() -> None:
+    book = book_model(qkv_bias=True, seed=5)
+    ours = load_book_model(book.state_dict(), n_head=4)
+    torch.manual_seed(123)
+    book.out_head = torch.nn.Linear(48, 2)  # ch. 6, verbatim
+    torch.manual_seed(123)
+    clf = to_classifier(ours, 2, head_init="torch_default")
+    assert torch.equal(clf.lm_head.weight, book.out_head.weight) and torch.equal(
+        clf.lm_head.bias, book.out_head.bias
+    )
+    x = encode_padded(["see you at 8?", "WIN a prize"], encode, max_length=8, pad_id=EOT_ID)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.eval()(x)[:, -1, :], book.eval()(x)[:, -1, :], atol=1e-5, rtol=1e-5)
+    assert (
+        clf.transformer.wte.weight is not ours.transformer.wte.weight
+    )  # a copy: the base model is untouched
+
+
 def test_classifier_logits_loss_and_accuracy_equal_the_books() -> None:
     book = book_model(qkv_bias=True, seed=5)
     torch.manual_seed(123)
@@ -364,7 +383,7 @@ def test_book_lora_layer_equals_lora_linear_with_alpha_scaling() -> None:
     linear = torch.nn.Linear(12, 20)
     book = book_appendix_e.LinearWithLoRA(linear, rank=4, alpha=8)
     torch.nn.init.normal_(book.lora.B)  # a trained adapter: B no longer zero
-    ours = LoRALinear.from_linear(linear, rank=4, alpha=8, scale_by_rank=False)
+    ours = LoRALinear.from_linear(linear, rank=4, alpha=8, convention="book")
     with torch.no_grad():
         ours.lora_A.copy_(book.lora.A.T)  # the book stores A as (in, rank), B as (rank, out)
         ours.lora_B.copy_(book.lora.B.T)
@@ -373,6 +392,19 @@ def test_book_lora_layer_equals_lora_linear_with_alpha_scaling() -> None:
         torch.testing.assert_close(ours(x), book(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.merged()(x), book(x), atol=1e-5, rtol=1e-5)
     assert ours.scaling == 8  # the book's alpha, not alpha / rank
+
+
+def test_book_lora_convention_draws_a_as_the_books_layer() -> None:
+    """The book's A is (in, rank), so Kaiming's fan-in is the rank: A ~ U(±1/sqrt(rank)), not ±1/sqrt(in)."""
+    torch.manual_seed(0)
+    book = book_appendix_e.LoRALayer(768, 768, rank=16, alpha=16)
+    torch.manual_seed(0)
+    ours = LoRALinear(768, 768, rank=16, alpha=16, convention="book")
+    peft = LoRALinear(768, 768, rank=16, alpha=16)
+    book_max, ours_max = book.A.abs().max().item(), ours.lora_A.abs().max().item()
+    assert 0.24 < book_max <= 0.25  # 1 / sqrt(16)
+    assert ours_max == pytest.approx(book_max, rel=0.02)
+    assert peft.lora_A.abs().max().item() <= 1 / math.sqrt(768)
 
 
 def test_list_batches_torch_order_is_the_dataloaders() -> None:

@@ -173,6 +173,9 @@ def test_csv_quoting_reads_like_pandas_read_csv() -> None:
     ]
     with pytest.raises(ValueError, match="sms.tsv: line 4: expected 'label<TAB>text'"):
         parse_labeled_tsv('ham\t"a\nb"\n\nspam\n', labels=LABELS, source="sms.tsv", quoting=True)
+    # pandas refuses a quote that never closes ("EOF inside string"); so do we, naming where it opened.
+    with pytest.raises(ValueError, match="sms.tsv: line 2: a quote opened here is never closed"):
+        parse_labeled_tsv('ham\tok\nham\t"open\nspam\tok\n', labels=LABELS, source="sms.tsv", quoting=True)
 
 
 def test_balance_is_the_books_pandas_sample_order() -> None:
@@ -181,3 +184,16 @@ def test_balance_is_the_books_pandas_sample_order() -> None:
     data = [(0, f"ham {i}") for i in range(6)] + [(1, f"spam {i}") for i in range(3)]
     perm = np.random.RandomState(123).permutation(6)[:3]
     assert balance(data, seed=123) == [(0, f"ham {i}") for i in perm] + data[6:]
+
+
+def test_torch_default_head_is_a_fresh_linear_after_the_seed(lm: GPT) -> None:
+    torch.manual_seed(7)
+    expected = torch.nn.Linear(lm.config.n_embd, 2)
+    torch.manual_seed(7)
+    clf = to_classifier(lm, 2, head_init="torch_default")
+    assert torch.equal(clf.lm_head.weight, expected.weight) and torch.equal(clf.lm_head.bias, expected.bias)
+    for name, tensor in lm.state_dict().items():
+        if not name.startswith("lm_head."):
+            assert torch.equal(clf.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="head_init"):
+        to_classifier(lm, 2, head_init="zeros")

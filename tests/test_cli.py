@@ -142,3 +142,18 @@ def test_import_book_refuses_pickled_code_and_other_files(tmp_path, capsys) -> N
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pth")
     assert main(["import-book", str(tmp_path / "other.pth"), str(tmp_path / "ck"), "--n-head", "2"]) == 2
     assert "not a state dict of the book's GPTModel" in capsys.readouterr().err
+
+
+def test_import_book_classifier_runs_with_gptlab_classify(tmp_path, capsys) -> None:
+    from gptlab.book_weights import to_book_state_dict
+
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("gpt-micro", n_layer=1, tie_weights=False, num_classes=2)
+    torch.save(to_book_state_dict(GPT(config, init="torch_default")), tmp_path / "review_classifier.pth")
+    args = ["import-book", str(tmp_path / "review_classifier.pth"), str(tmp_path / "clf"), "--n-head", "2"]
+    assert main(args) == 2 and "give --labels" in capsys.readouterr().err
+    assert main([*args, "--labels", "ham,spam", "--max-length", "16"]) == 0
+    capsys.readouterr()
+    assert main(["classify", "--checkpoint", str(tmp_path / "clf"), "Free entry! txt WIN"]) == 0
+    label, prob, text = capsys.readouterr().out.strip().split("\t")
+    assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1 and text == "Free entry! txt WIN"

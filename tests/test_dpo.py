@@ -188,6 +188,9 @@ def test_collate_truncates_ids_and_masks():
     assert out["rejected_mask"].tolist() == [[F_, F_, T_], [F_, T_, T_]]
     # A limit above the batch length changes nothing.
     assert collate_preferences(BATCH, pad_id=99, allowed_max_length=50)["chosen"].shape == (2, 5)
+    # A limit that leaves a response nothing to score is an error, not a silent 0 (or 0/0 with "mean").
+    with pytest.raises(ValueError, match="record 0 of the batch has no chosen response tokens.*max_length"):
+        collate_preferences(BATCH, pad_id=99, allowed_max_length=2)
 
 
 def test_collate_default_pad_is_endoftext_and_padding_is_decided_by_length():

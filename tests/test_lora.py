@@ -260,7 +260,7 @@ def test_lora_config_reports_settings() -> None:
         "alpha": 8.0,
         "targets": ["c_attn", "c_proj"],
         "dropout": 0.1,
-        "scale_by_rank": True,
+        "convention": "peft",
     }
     assert lora_config(model) == expected
     apply_lora(model, rank=2, alpha=8, targets=("c_fc",))

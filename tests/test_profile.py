@@ -71,3 +71,12 @@ def test_overrides_keep_comments(repo: Path) -> None:
     profile.apply_overrides(["pretrain.train.epochs=2"], repo)
     text = (repo / "params.yaml").read_text()
     assert "epochs: 2" in text and "# the book trains in float32" in text
+
+
+def test_a_failed_switch_leaves_params_yaml_as_it_was(repo: Path, tmp_path: Path) -> None:
+    text = (repo / "profiles" / "sample.yaml").read_text()
+    (repo / "profiles" / "old.yaml").write_text(text.replace("  mirror: null\n", ""))
+    before = (repo / "params.yaml").read_text()
+    with pytest.raises(ValueError, match="no key 'download.mirror'"):
+        profile.activate("old", repo, mirror=str(tmp_path))
+    assert (repo / "params.yaml").read_text() == before

@@ -175,3 +175,12 @@ def test_mirror_candidate_is_the_urls_file_name(tmp_path) -> None:
     assert mirror_candidate(str(tmp_path), url) == tmp_path / "sms+spam+collection.zip"
     assert mirror_candidate(str(tmp_path), "https://x/other.zip") is None
     assert mirror_candidate(None, url) is None
+
+
+def test_a_mirror_that_is_not_a_directory_is_a_params_error(tmp_path) -> None:
+    data = {
+        "sources": {"c.txt": {"url": "https://x/c.txt", "sha256": VERDICT_SHA}},
+        "mirror": str(tmp_path / "no"),
+    }
+    with pytest.raises(ParamsError, match=rf"download: mirror: {tmp_path / 'no'} is not a directory"):
+        from_dict(DownloadParams, data, "params.yaml: download")

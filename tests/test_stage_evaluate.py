@@ -157,7 +157,11 @@ def test_judge_through_gptlab_serve_with_cache(judge_server, tmp_path) -> None:
     for name, expected in (("sft", 3), ("sft_on_preference", 2), ("dpo", 2)):
         m = metrics["models"][name]
         # A random model rarely answers with a number: whatever it says is scored or counted, never dropped.
-        assert m["n"] == expected and m["scored"] + m["unparsed"] == expected and m["cached"] == 0
+        assert (
+            m["n"] == m["answers"] == expected
+            and m["scored"] + m["unparsed"] == expected
+            and m["cached"] == 0
+        )
     assert metrics["sft_vs_dpo"]["compared"] + metrics["sft_vs_dpo"]["skipped"] == 2
     assert len(table) == 7 and table["judge_reply"].notna().all()
     asked = log.getvalue().count("/api/generate")
@@ -184,8 +188,10 @@ def test_repeats_digest_and_options_are_recorded(judge_server, tmp_path) -> None
     assert judge["digest"] == hashlib.sha256(weights).hexdigest()
     assert judge["options"] == {"temperature": 0.0, "seed": 123, "num_ctx": 2048} and judge["repeats"] == 2
     assert len(replies) == 2 * 7 and {r["repeat"] for r in replies} == {0, 1}
-    for name in ("sft", "dpo"):
-        assert len(metrics["models"][name]["repeat_means"]) == 2
+    for name, records in (("sft", 3), ("dpo", 2)):
+        m = metrics["models"][name]
+        assert len(m["repeat_means"]) == 2 and m["n"] == records and m["answers"] == 2 * records
+        assert m["scored"] + m["unparsed"] == m["answers"]
     # Greedy decoding of a fixed checkpoint answers the same twice: the spread is measured, and it is zero.
     by_record = {}
     for r in replies:

@@ -88,7 +88,14 @@ def test_optimizer_groups_exclude_biases_norms_embeddings() -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("max_steps", 0), ("decay", "linear"), ("precision", "fp8"), ("warmup_steps", 99), ("min_lr", 1.0)],
+    [
+        ("max_steps", 0),
+        ("decay", "linear"),
+        ("precision", "fp8"),
+        ("warmup_steps", 99),
+        ("min_lr", 1.0),
+        ("weight_decay_scope", "some"),
+    ],
 )
 def test_train_config_validation_names_field(field, value) -> None:
     with pytest.raises(ValueError, match=field):
@@ -304,3 +311,8 @@ def test_reseed_false_continues_the_callers_rng_stream(shards) -> None:
 
     # With dropout on, the caller's seed now decides the masks (and the reseeding default ignores it).
     assert not torch.equal(run(1), run(2)) and torch.equal(run(1), run(1))
+
+
+def test_eval_first_needs_periodic_evaluation() -> None:
+    with pytest.raises(ValueError, match="eval_first needs eval_interval"):
+        cfg(eval_first=True, eval_interval=0)
