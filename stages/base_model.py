@@ -21,7 +21,7 @@ from gptlab.gpt2_weights import load_hf_gpt2, resolve_source
 from gptlab.model import GPT
 from gptlab.train import evaluate
 from stages import tracking
-from stages.common import resolve_device, stage_main
+from stages.entry import resolve_device, stage_main
 from stages.params import load_section
 
 

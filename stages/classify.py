@@ -36,8 +36,9 @@ from gptlab.instruct import ListBatches
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
-from stages.common import plot_confusion, plot_curves, resolve_device, stage_main, write_history_csv
+from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
+from stages.plots import plot_confusion, plot_curves, write_history_csv
 
 LABELS = ("ham", "spam")
 REGISTERED_NAME = "gptlab-spam-classifier"

@@ -22,7 +22,7 @@ from pathlib import Path
 from gptlab.download import DownloadError, extract_member, fetch
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
-from stages.common import stage_main
+from stages.entry import stage_main
 from stages.params import load_section
 
 

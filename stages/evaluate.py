@@ -36,8 +36,9 @@ from gptlab.judge import (
 )
 from gptlab.textmetrics import exact_match, rouge_l_f1
 from stages import tracking
-from stages.common import figure, stage_main
+from stages.entry import stage_main
 from stages.params import load_section
+from stages.plots import figure
 
 
 @dataclass

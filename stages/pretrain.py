@@ -28,8 +28,9 @@ from gptlab.model import GPT, INIT_SCHEMES
 from gptlab.tokenizer import EOT_ID, decode, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
-from stages.common import plot_curves, resolve_device, stage_main, write_history_csv
+from stages.entry import resolve_device, stage_main
 from stages.params import ParamsError, check_choice, load_section
+from stages.plots import plot_curves, write_history_csv
 
 
 @dataclass

@@ -20,14 +20,10 @@ from gptlab.instruct import ListBatches, collate_sft, encode_record
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
-from stages.common import (
-    load_splits,
-    plot_curves,
-    resolve_device,
-    stage_main,
-    write_history_csv,
-)
+from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
+from stages.plots import plot_curves, write_history_csv
+from stages.records import load_splits
 from stages.responses import generate_responses, write_responses
 
 REGISTERED_NAME = "gptlab-sft"

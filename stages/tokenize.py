@@ -25,7 +25,7 @@ from gptlab.data import ShardWriter
 from gptlab.fileio import atomic_dir, write_json
 from gptlab.tokenizer import VOCAB_SIZE, encode_array
 from stages import tracking
-from stages.common import stage_main
+from stages.entry import stage_main
 from stages.params import load_section
 
 SPLITS_BY = ("tokens", "chars")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.common import load_splits
+from stages.records import load_splits
 
 REQUIRED = ("instruction", "input", "output")
 
