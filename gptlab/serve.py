@@ -42,7 +42,7 @@ Prompt rendering (what Ollama does with a model's TEMPLATE):
 
 A ``stop`` given in a request replaces these default stop strings (Ollama's rule for a Modelfile's ``stop``).
 What a GPT-2 cannot honour is refused with a 400 rather than ignored: images, tools, thinking, ``suffix``
-and structured outputs (``format``; so :mod:`gptlab.judge` needs ``use_schema: false`` against this server).
+and structured outputs (``format``; so :mod:`stages.judge` needs ``use_schema: false`` against this server).
 The model store endpoints (``/api/pull``, ``/api/create``, ``/api/delete``, ...) answer 501.
 
 Streaming decodes token by token but only emits text that decodes cleanly (the bytes of an incomplete UTF-8

@@ -1,6 +1,6 @@
 """Reference-based text metrics that need no judge model: ROUGE-L F1 and exact match.
 
-Book ch. 7.8 ("Evaluating the finetuned LLM") scores responses with an LLM judge (see :mod:`gptlab.judge`);
+Book ch. 7.8 ("Evaluating the finetuned LLM") scores responses with an LLM judge (see :mod:`stages.judge`);
 these metrics are the cheap, deterministic companion that compares a response with the test set's reference
 ``output`` directly. ROUGE-L is from Lin (2004), "ROUGE: A Package for Automatic Evaluation of Summaries",
 section 3.1: the longest common subsequence (LCS) of the two token sequences gives

@@ -23,7 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from gptlab.fileio import atomic_write, write_json
-from gptlab.judge import (
+from gptlab.textmetrics import exact_match, rouge_l_f1
+from stages import tracking
+from stages.entry import stage_main
+from stages.judge import (
     JudgeConfig,
     JudgeUnavailableError,
     JudgmentCache,
@@ -34,9 +37,6 @@ from gptlab.judge import (
     summarize_repeats,
     summarize_scores,
 )
-from gptlab.textmetrics import exact_match, rouge_l_f1
-from stages import tracking
-from stages.entry import stage_main
 from stages.params import load_section
 from stages.plots import figure
 

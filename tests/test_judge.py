@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gptlab.judge import (
+from stages.judge import (
     SCORE_SCHEMA,
     JudgeConfig,
     JudgeUnavailableError,

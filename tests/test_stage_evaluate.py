@@ -17,10 +17,10 @@ import yaml
 
 from gptlab.checkpoint import save_checkpoint
 from gptlab.config import GPTConfig
-from gptlab.judge import JudgeUnavailableError, JudgmentCache
 from gptlab.model import GPT
 from gptlab.serve import make_server
 from stages.evaluate import EvaluateParams, JudgeParams, evaluate, response_sets
+from stages.judge import JudgeUnavailableError, JudgmentCache
 
 REPO = Path(__file__).resolve().parents[1]
 

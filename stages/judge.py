@@ -37,13 +37,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import httpx
+import ollama
 from tqdm.auto import tqdm
-
-try:  # ollama (and its httpx) come with the `pipeline` extra, not the core library
-    import httpx
-    import ollama
-except ImportError as e:  # pragma: no cover - the dev/pipeline environment always has them
-    raise ImportError("gptlab.judge needs the official `ollama` client: pip install -e '.[pipeline]'") from e
 
 from gptlab.instruct import format_input
 
