@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -41,12 +40,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gptlab.fileio import sha256_file
+
 FORMAT = "gptlab-tokens/1"
 MANIFEST = "manifest.json"
 COLUMN = "tokens"
 SPLITS = ("train", "val")
 _SHARD_RE = re.compile(r"^tokens-\d{5,}\.arrow$")
-_HASH_CHUNK = 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -64,14 +64,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(index: int) -> str:
     return f"tokens-{index:05d}.arrow"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -190,7 +182,7 @@ class ShardWriter:
         self._ipc.close()
         self._sink.close()
         name = shard_name(len(self._shards))
-        digest = _sha256_file(self._tmp)
+        digest = sha256_file(self._tmp)
         os.replace(self._tmp, self.out_dir / name)
         self._shards.append({"file": name, "num_tokens": self._shard_tokens, "sha256": digest})
         self._written += self._shard_tokens
@@ -421,7 +413,7 @@ class TokenStream:
     def verify(self) -> None:
         """Recompute every shard's sha256 against the manifest; ValueError naming the first bad file."""
         for file, shard in zip(self._files, self.manifest["shards"], strict=True):
-            digest = _sha256_file(file)
+            digest = sha256_file(file)
             if digest != shard["sha256"]:
                 raise ValueError(f"{file}: sha256 {digest} does not match manifest {shard['sha256']}")
 

@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: write beside the target, then ``os.replace`` into place.
+"""Atomic file and directory writes (write beside the target, then ``os.replace`` into place), file digests and
+gptlab's cache directory.
 
 A reader (or a DVC stage downstream) never sees a half-written file or directory: either the old content or the
 complete new one.
@@ -6,6 +7,7 @@ complete new one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +16,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def cache_dir() -> Path:
+    """gptlab's cache: ``$GPTLAB_CACHE`` or ``~/.cache/gptlab`` (tokenizer files, partial downloads)."""
+    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab")).expanduser()
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk_size`` pieces (weights files need not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

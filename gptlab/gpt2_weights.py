@@ -1,7 +1,8 @@
 """Import OpenAI GPT-2 weights in the Hugging Face layout into a gptlab model.
 
 The book (ch. 5, ``load_weights_into_gpt``) loads OpenAI's TensorFlow checkpoint; here we read the same weights
-as published on the Hugging Face hub (``openai-community/gpt2*``): ``config.json`` + ``model.safetensors`` or
+as published on the Hugging Face hub (``openai-community/gpt2*``, fetched with ``huggingface_hub``: cached,
+resumable, revision-pinned, and sha256-checked here): ``config.json`` + ``model.safetensors`` or
 ``pytorch_model.bin`` (loaded with ``weights_only=True``). HF's GPT-2 stores its projections as ``Conv1D``
 (``(in, out)`` matrices), so they are transposed into ``nn.Linear``'s ``(out, in)``; the LM head is tied to the
 token embedding as in GPT-2.
@@ -10,16 +11,16 @@ token embedding as in GPT-2.
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from gptlab.config import GPTConfig
-from gptlab.download import DownloadError, fetch
+from gptlab.fileio import cache_dir as gptlab_cache
+from gptlab.fileio import sha256_file
 from gptlab.model import GPT
-from gptlab.tokenizer import gptlab_cache_dir
 
 HF_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -27,7 +28,7 @@ HF_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Conv1D weights, stored (in, out) by Hugging Face; nn.Linear wants (out, in).
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Non-parameter buffers older HF checkpoints carry (the causal mask); we build masks on the fly.
@@ -133,30 +134,53 @@ def download_gpt2(
     cache_dir: str | Path | None = None,
     *,
     endpoint: str | None = None,
+    revision: str = "main",
     progress: bool = True,
-    retries: int = 3,
 ) -> Path:
-    """Download ``config.json`` + ``model.safetensors`` of a GPT-2 size from the hub; returns the directory.
+    """Download ``config.json`` + ``model.safetensors`` of a GPT-2 size from the hub; returns their directory.
 
-    Resumable and verified against the hub's sha256 ETag (see :func:`gptlab.download.fetch`). Offline this
-    fails with one line naming the URL; pass a local directory to :func:`load_hf_gpt2` instead.
+    Through ``huggingface_hub`` (its cache layout under ``cache_dir``, ``$GPTLAB_CACHE/hf`` by default; resumed
+    after an interruption; ``revision`` a branch, tag or commit). The hub publishes an LFS file's sha256 as its
+    ETag; the weights are checked against it and a mismatch removes them. ``endpoint`` defaults to
+    ``$HF_ENDPOINT`` or huggingface.co. Offline this fails with one line naming the URL; pass a local directory
+    to :func:`load_hf_gpt2` instead.
     """
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     repo = HF_REPOS.get(model_name, model_name)
     if "/" not in repo:
         raise WeightImportError(f"unknown GPT-2 model {model_name!r}; choose one of: {', '.join(HF_REPOS)}")
-    target = Path(cache_dir or gptlab_cache_dir() / "hf") / repo.replace("/", "--")
-    base = (endpoint or HF_ENDPOINT).rstrip("/")
-    for filename in ("config.json", "model.safetensors"):
-        dest = target / filename
-        if dest.is_file():
-            continue
-        try:
-            fetch(f"{base}/{repo}/resolve/main/{filename}", dest, progress=progress, retries=retries)
-        except DownloadError as exc:
-            raise WeightImportError(
-                f"{exc} (offline? pass a local Hugging Face GPT-2 directory instead)"
-            ) from None
-    return target
+    cache = Path(cache_dir or gptlab_cache() / "hf")
+    paths = {}
+    quiet = not progress and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        for filename in ("config.json", "model.safetensors"):
+            url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+            try:
+                path = Path(
+                    hf_hub_download(repo, filename, revision=revision, cache_dir=cache, endpoint=endpoint)
+                )
+            except Exception as exc:  # huggingface_hub raises many types (HTTP, connection, offline cache)
+                reason = " ".join(str(exc).split())[:200]
+                raise WeightImportError(
+                    f"cannot download {url}: {reason} (offline? pass a local Hugging Face GPT-2 directory instead)"
+                ) from None
+            # The cache stores each file as blobs/<ETag>; an LFS file's ETag is its sha256.
+            blob = path.resolve()
+            if _SHA256.fullmatch(blob.name) and (got := sha256_file(blob)) != blob.name:
+                path.unlink(missing_ok=True)
+                blob.unlink(missing_ok=True)
+                raise WeightImportError(
+                    f"sha256 mismatch for {url}: the hub says {blob.name}, the download is {got}"
+                )
+            paths[filename] = path
+    finally:
+        if quiet:
+            enable_progress_bars()
+    return paths["model.safetensors"].parent
 
 
 def resolve_source(src: str | Path, *, endpoint: str | None = None, progress: bool = True) -> Path:

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -87,6 +86,7 @@ import torch
 
 from gptlab import __version__
 from gptlab.checkpoint import WEIGHTS, CheckpointError, load_checkpoint
+from gptlab.fileio import sha256_file
 from gptlab.generate import SamplingConfig, stream
 from gptlab.instruct import format_input, format_response
 from gptlab.model import GPT
@@ -161,14 +161,6 @@ def _human_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}".removesuffix(".0") + unit
     return str(n)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -295,7 +287,7 @@ def load_model(name: str, directory: str | Path, *, device: str | torch.device =
         model=model,
         config=config,
         size=stat.st_size,
-        digest=_sha256(weights),
+        digest=sha256_file(weights),
         modified_at=stat.st_mtime,
     )
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from gptlab.fileio import cache_dir
+
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
@@ -49,12 +51,8 @@ class TokenizerNotFoundError(RuntimeError):
     """No verified GPT-2 BPE file could be found or downloaded."""
 
 
-def gptlab_cache_dir() -> Path:
-    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
-
-
 def local_copy_path() -> Path:
-    return gptlab_cache_dir() / "tokenizers" / "r50k_base.tiktoken"
+    return cache_dir() / "tokenizers" / "r50k_base.tiktoken"
 
 
 def _tiktoken_cache_path() -> Path:

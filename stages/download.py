@@ -19,10 +19,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptlab.download import DownloadError, extract_member, fetch
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
 from stages.entry import stage_main
+from stages.fetch import DownloadError, extract_member, fetch
 from stages.params import load_section
 
 

