@@ -47,7 +47,7 @@ setup() {
     fi
     echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,dev] into $VENV" >&2
     "${pip[@]}" install -q "${torch_args[@]}"
-    "${pip[@]}" install -q -e ".[pipeline,dev]"
+    "${pip[@]}" install -q -e ".[pipeline,serve,dev]"
     # The book's own code (PyPI llms-from-scratch), the reference the parity tests compare gptlab against.
     # Without its declared dependencies: TensorFlow, JupyterLab and numpy<2.1 serve the book's notebooks;
     # the modules the tests import (ch02-ch07, appendix_e) need torch, tiktoken, pandas, matplotlib, psutil.

@@ -118,7 +118,13 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from gptlab.serve import parse_model_arg, serve
+    try:  # the server is outside the core library: it needs the `serve` extra
+        from serving.app import serve
+        from serving.models import parse_model_arg
+    except ImportError as exc:
+        raise RuntimeError(
+            f"gptlab serve needs the serve extra ({exc.name} is missing): pip install 'gptlab[serve]'"
+        ) from None
 
     models: dict = {}
     for spec in args.model:

@@ -28,15 +28,10 @@ from gptlab.config import GPTConfig
 from gptlab.generate import generate
 from gptlab.instruct import format_input, format_response
 from gptlab.model import GPT
-from gptlab.serve import (
-    OllamaServer,
-    TextFilter,
-    make_server,
-    parse_model_arg,
-    render_chat_prompt,
-    render_generate_prompt,
-)
 from gptlab.tokenizer import EOT_ID, decode, encode, get_encoding
+from serving.app import Server, make_server
+from serving.decoding import TextFilter
+from serving.models import parse_model_arg, render_chat_prompt, render_generate_prompt
 
 GREEDY = {"temperature": 0, "num_predict": 20}
 
@@ -57,15 +52,11 @@ def env(tmp_path_factory: pytest.TempPathFactory, gpt2_tiktoken_file: Path):
     # The module fixture outlives conftest's per-test monkeypatch: point the tokenizer at the file here.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTLAB_TIKTOKEN_FILE", str(gpt2_tiktoken_file))
-        server = make_server({"tiny": root / "tiny", "sft:latest": root / "sft"}, log=log)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+        server = make_server({"tiny": root / "tiny", "sft:latest": root / "sft"}, log=log).start()
         try:
-            yield {"port": server.server_address[1], "plain": plain, "root": root, "log": log}
+            yield {"port": server.port, "plain": plain, "root": root, "log": log}
         finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)
+            server.stop()
 
 
 @pytest.fixture
@@ -76,15 +67,15 @@ def client(env) -> ollama.Client:
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
-def _http(env, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict, bytes]:
+def _http(env, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any, bytes]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{env['port']}{path}", data=data, method=method)
     req.add_header("Content-Type", "application/json")
     try:
         with _opener.open(req, timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()  # an email.message.Message: names are case-insensitive
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 # ------------------------------------------------------------------------------------ with the ollama client
@@ -391,31 +382,49 @@ def test_client_disconnect_mid_stream_keeps_the_server_up(env, client: ollama.Cl
     assert client.generate("tiny", "Hello", options={"num_predict": 2}).eval_count == 2
 
 
-def test_server_close_ends_generations_and_connections(env) -> None:
-    server = make_server({"tiny": env["root"] / "tiny"}, log=io.StringIO())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def test_a_client_that_disconnects_stops_its_decoding(env) -> None:
+    server = make_server({"tiny": env["root"] / "tiny"}, log=io.StringIO()).start()
     served = server.models["tiny:latest"]
-    served.lock.acquire()  # hold the model so the request is surely mid-generation when the server closes
+    try:
+        served.lock.acquire()  # the generation cannot advance until the client is gone
+        body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(
+                b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            assert s.recv(15) == b"HTTP/1.1 200 OK"
+        time.sleep(0.2)
+        served.lock.release()
+        log = server.app.state.log
+        deadline = time.monotonic() + 10
+        while "(client disconnected)" not in log.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert re.search(r"POST /api/generate 200 \d+\.\d{3}s \(client disconnected\)", log.getvalue())
+    finally:
+        server.stop()
+
+
+def test_stop_ends_generations_and_connections(env) -> None:
+    server = make_server({"tiny": env["root"] / "tiny"}, log=io.StringIO()).start()
+    served = server.models["tiny:latest"]
+    served.lock.acquire()  # hold the model so the request is surely mid-generation when the server stops
     body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
-    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(
             b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         assert s.recv(15) == b"HTTP/1.1 200 OK"
-        server.shutdown()
-        closer = threading.Thread(target=server.server_close)
+        closer = threading.Thread(target=server.stop)
         closer.start()
         while not server.stopping.is_set():
             time.sleep(0.01)
         served.lock.release()
         closer.join(timeout=10)
-        assert not closer.is_alive() and not server._connections
+        assert not closer.is_alive()
         rest = b""
         while chunk := s.recv(65536):
             rest += chunk
     assert b'{"error": "the server is shutting down"}' in rest and rest.endswith(b"0\r\n\r\n")
-    thread.join(timeout=10)
 
 
 def test_requests_are_logged(env) -> None:
@@ -540,10 +549,10 @@ def test_cli_serve_bad_checkpoint_exits_2(tmp_path: Path, capsys: pytest.Capture
 def test_cli_serve_prints_url_and_stops_on_ctrl_c(
     env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def interrupted(self: OllamaServer, poll_interval: float = 0.5) -> None:
+    def interrupted(self: Server) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(OllamaServer, "serve_forever", interrupted)
+    monkeypatch.setattr(Server, "run", interrupted)
     assert main(["serve", "--model", f"tiny={env['root'] / 'tiny'}", "--port", "0", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "http://127.0.0.1:" in out and "tiny:latest" in out and "stopped" in err

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 from gptlab.checkpoint import save_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
-from gptlab.serve import make_server
+from serving.app import make_server
 from stages.evaluate import EvaluateParams, JudgeParams, evaluate, response_sets
 from stages.judge import JudgeUnavailableError, JudgmentCache
 
@@ -136,13 +135,9 @@ def judge_server(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(GPT(GPTConfig.from_name("gpt-micro", n_layer=1)), tmp_path / "judge")
     log = io.StringIO()
-    server = make_server({"judge": tmp_path / "judge"}, port=0, log=log)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    server = make_server({"judge": tmp_path / "judge"}, port=0, log=log).start()
+    yield server.url, log
+    server.stop()
 
 
 def test_judge_through_gptlab_serve_with_cache(judge_server, tmp_path) -> None:
