@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from prefect.runtime import flow_run
 
 from pipelines import report
 from pipelines.profile import activate, apply_overrides
-from stages import tracking
+from stages import run_context, tracking
 
 TASK_RETRIES = {"download": 2}
 """Stages worth retrying: only the one that talks to the network."""
@@ -50,22 +49,16 @@ def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
         ]
 
 
-def stage_env(pipeline_run_id: str, parent_run: str) -> dict[str, str]:
-    """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``), and the
-    ids that group the stage runs under this execution's MLflow parent run."""
+def stage_env() -> dict[str, str]:
+    """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``); the
+    execution's ids (:mod:`stages.run_context`) are in the environment already."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["GPTLAB_PIPELINE_RUN_ID"] = pipeline_run_id
-    env["GPTLAB_MLFLOW_PARENT_RUN_ID"] = parent_run
-    if flow_run.id:
-        env["GPTLAB_PREFECT_FLOW_RUN_ID"] = str(flow_run.id)
     return env
 
 
 @task(task_run_name="{stage}")
-def run_stage(
-    stage: str, root: str, metrics: list[str], pipeline_run_id: str, force: bool = False, parent_run: str = ""
-) -> dict[str, Any]:
+def run_stage(stage: str, root: str, metrics: list[str], force: bool = False) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``; returns whether it ran and its metrics."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
@@ -73,7 +66,7 @@ def run_stage(
     proc = subprocess.Popen(
         cmd,
         cwd=root,
-        env=stage_env(pipeline_run_id, parent_run),
+        env=stage_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,43 +115,24 @@ def pipeline(
         activate(profile, root_path)
     if set_params:
         apply_overrides(set_params, root_path)
-    run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID") or f"prefect-{flow_run.id or uuid.uuid4().hex[:12]}"
-    env = {"GPTLAB_PIPELINE_RUN_ID": run_id, "GPTLAB_PREFECT_FLOW_RUN_ID": str(flow_run.id or "")}
-    with contextlib.chdir(root_path), _environ(env):
+    with contextlib.chdir(root_path):
         stages = dvc_stages(root_path, target)  # inside the root: DVC names stages relative to the cwd
-        parent = tracking.parent_run_id(tracking.configure())
-        results: list[dict[str, Any]] = []
-        status = "FAILED"
-        try:
-            for stage in stages:
-                runner = run_stage.with_options(
-                    retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
-                )
-                results.append(runner(stage["name"], str(root_path), stage["metrics"], run_id, force, parent))
-            status = "FINISHED"
-        finally:
-            finish_parent_run(root_path, parent, stages, status)
+        flow_id = str(flow_run.id) if flow_run.id else None
+        with run_context.execution(tracking.configure(), flow_run_id=flow_id) as parent:
+            results: list[dict[str, Any]] = []
+            try:
+                for stage in stages:
+                    runner = run_stage.with_options(
+                        retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
+                    )
+                    results.append(runner(stage["name"], str(root_path), stage["metrics"], force))
+            finally:
+                report_to_parent_run(root_path, parent, stages)
     return results
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """Set environment variables for the duration of one flow run (a served deployment reuses the process)."""
-    old = {k: os.environ.get(k) for k in [*values, "GPTLAB_MLFLOW_PARENT_RUN_ID"]}
-    os.environ.pop("GPTLAB_MLFLOW_PARENT_RUN_ID", None)
-    os.environ.update({k: v for k, v in values.items() if v})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def finish_parent_run(root: Path, parent: str, stages: list[dict[str, Any]], status: str) -> None:
-    """Attach the summary report (metrics, curves, confusion matrix, judge scores, links) and close the run."""
+def report_to_parent_run(root: Path, parent: str, stages: list[dict[str, Any]]) -> None:
+    """Attach the summary report (metrics, curves, confusion matrix, judge scores, links) to the parent run."""
     client = tracking.mlflow.MlflowClient()
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
@@ -180,4 +154,3 @@ def finish_parent_run(root: Path, parent: str, stages: list[dict[str, Any]], sta
         for key, value in values.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 client.log_metric(parent, f"{stage_name}.{key}", float(value))
-    client.set_terminated(parent, status)

@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    os.environ.setdefault("GPTLAB_PIPELINE_RUN_ID", f"run-{uuid.uuid4().hex[:12]}")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    from stages import run_context, tracking
+
+    run_id = run_context.pipeline_run_id()  # minted once; the flow and every stage inherit it
     if args.no_prefect:
         from pipelines.profile import activate, apply_overrides
 
@@ -47,15 +48,21 @@ def main(argv: list[str] | None = None) -> int:
                 activate(args.profile, ROOT)
             if args.set_param:
                 apply_overrides(args.set_param, ROOT)
-        except ValueError as exc:
+            cmd = (
+                [sys.executable, "-m", "dvc", "repro"]
+                + ([args.target] if args.target else [])
+                + (["--force"] if args.force else [])
+            )
+            with run_context.execution(tracking.configure()):
+                code = subprocess.call(cmd)
+                if code != 0:
+                    raise subprocess.CalledProcessError(code, cmd)
+        except (RuntimeError, ValueError) as exc:  # a bad profile/override, an unreachable tracking server
             print(f"pipeline: error: {exc}", file=sys.stderr)
             return 2
-        cmd = (
-            [sys.executable, "-m", "dvc", "repro"]
-            + ([args.target] if args.target else [])
-            + (["--force"] if args.force else [])
-        )
-        return subprocess.call(cmd)
+        except subprocess.CalledProcessError as exc:
+            return exc.returncode
+        return 0
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     from pipelines.flow import pipeline  # after PREFECT_HOME: Prefect reads settings at import
 
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2
-    print(f"\npipeline summary (run id {os.environ['GPTLAB_PIPELINE_RUN_ID']}):")
+    print(f"\npipeline summary (run id {run_id}):")
     for r in results:
         print(f"  {r['stage']:<12} {'ran' if r['ran'] else 'up to date'}")
     print(

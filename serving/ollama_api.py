@@ -42,6 +42,7 @@ from serving.requests import (
     ApiError,
     ChatRequest,
     GenerateRequest,
+    Message,
     Options,
     ShowRequest,
     decode_options,
@@ -173,8 +174,8 @@ def chat_generation(request: Request, m: ServedModel, messages: list[dict[str, s
     )
 
 
-def chat_messages(req: ChatRequest, *, required: bool) -> list[dict[str, str]]:
-    messages = req.messages or []
+def chat_messages(messages: list[Message] | None, *, required: bool) -> list[dict[str, str]]:
+    messages = messages or []
     if required and not messages:
         raise ApiError(400, "field 'messages' must not be empty")
     for i, message in enumerate(messages):
@@ -187,7 +188,7 @@ async def chat(request: Request) -> Response:
     t_start = time.perf_counter_ns()
     req: ChatRequest = parse(ChatRequest, await json_body(request))
     m = find_model(request, req.model)
-    messages = chat_messages(req, required=False)
+    messages = chat_messages(req.messages, required=False)
     req.refuse_unsupported()
     options = _options(req.options)
     if not messages:

@@ -34,7 +34,7 @@ async def models(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     req: OpenAIChatRequest = parse(OpenAIChatRequest, await json_body(request))
     m = find_model(request, req.model)
-    messages = chat_messages(req, required=True)  # type: ignore[arg-type]
+    messages = chat_messages(req.messages, required=True)
     if req.n != 1:
         raise ApiError(400, f"only n=1 is supported, got {req.n}")
     if req.tools:

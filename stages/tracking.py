@@ -5,18 +5,16 @@ Default store: SQLite ``mlflow.db`` at the repository root with artifacts in ``m
 unreachable server fails fast with one line instead of MLflow's minutes of retries.
 
 Each stage run is tagged with the git commit, the DVC stage name, the profile and ``gptlab.pipeline_run_id``
-(``GPTLAB_PIPELINE_RUN_ID``, set once per pipeline execution by the Prefect flow / ``./run.sh pipeline``) so
-all stages of one pipeline run can be grouped in the UI.
+and nests under its execution's parent run (:mod:`stages.run_context`), so all stages of one pipeline run
+group in the UI.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +27,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads at import)
 
-from stages.params import read_params  # noqa: E402
+from stages import run_context  # noqa: E402
 
 EXPERIMENT = os.environ.get("GPTLAB_EXPERIMENT", "gptlab")
 
@@ -79,16 +77,6 @@ def configure(root: Path | None = None) -> str:
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def git_commit(root: Path | None = None) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/dataclasses to ``a.b.c`` keys (MLflow params are flat)."""
     if dataclasses.is_dataclass(data):
@@ -101,88 +89,14 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def pipeline_run_id() -> str:
-    """The id grouping this pipeline execution's stage runs.
-
-    Set by the Prefect flow / ``./run.sh pipeline``; under ``dvc exp run`` it is derived from the experiment's
-    name (DVC exports ``DVC_EXP_NAME`` to every stage); a stage run alone gets its own.
-    """
-    run_id = os.environ.get("GPTLAB_PIPELINE_RUN_ID")
-    if not run_id:
-        exp = os.environ.get("DVC_EXP_NAME")
-        run_id = f"exp-{exp}" if exp else (_dvc_invocation() or f"adhoc-{uuid.uuid4().hex[:12]}")
-        os.environ["GPTLAB_PIPELINE_RUN_ID"] = run_id
-    return run_id
-
-
-def _dvc_invocation() -> str | None:
-    """An id of the ``dvc repro`` process running this stage, so the stages of one plain ``dvc repro`` group.
-
-    DVC starts each stage as a child (possibly through ``sh -c``); the invocation is identified by that
-    ancestor's pid and start time. psutil comes with DVC.
-    """
-    try:
-        import psutil
-
-        proc = psutil.Process().parent()
-        for _ in range(4):
-            if proc is None:
-                return None
-            args = [os.path.basename(a) for a in proc.cmdline()]
-            if "repro" in args and ("dvc" in args or proc.name() in ("dvc", "dvc.exe")):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
-            proc = proc.parent()
-    except Exception:  # no psutil, no permission, a process that vanished: fall back to a per-stage id
-        return None
-    return None
-
-
-def run_tags(root: Path | None = None) -> dict[str, str]:
-    """Tags shared by a pipeline execution's parent run and all its stage runs."""
-    root = root or Path.cwd()
-    tags = {
-        "gptlab.pipeline_run_id": pipeline_run_id(),
-        "mlflow.source.git.commit": git_commit(root),
-        "gptlab.profile": str(read_params(root / "params.yaml").get("profile", "custom")),
-    }
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    if os.environ.get("GPTLAB_PREFECT_FLOW_RUN_ID"):
-        tags["prefect.flow_run_id"] = os.environ["GPTLAB_PREFECT_FLOW_RUN_ID"]
-    return tags
-
-
-def parent_run_id(experiment_id: str) -> str:
-    """The MLflow run of this pipeline execution that stage runs nest under (created on first use).
-
-    The Prefect flow creates it up front and exports ``GPTLAB_MLFLOW_PARENT_RUN_ID``; otherwise (``dvc exp run``,
-    plain ``dvc repro``) the first stage creates it and later stages find it by the pipeline-run-id tag.
-    """
-    if os.environ.get("GPTLAB_MLFLOW_PARENT_RUN_ID"):
-        return os.environ["GPTLAB_MLFLOW_PARENT_RUN_ID"]
-    rid = pipeline_run_id()
-    found = mlflow.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`gptlab.pipeline_run_id` = '{rid}' and tags.`gptlab.role` = 'pipeline'",
-        max_results=1,
-        output_format="list",
-    )
-    if found:
-        return found[0].info.run_id
-    client = mlflow.MlflowClient()
-    run = client.create_run(
-        experiment_id, run_name=f"pipeline {rid}", tags={**run_tags(), "gptlab.role": "pipeline"}
-    )
-    return run.info.run_id
-
-
 @contextmanager
 def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one DVC stage, with its params section logged and the grouping tags set."""
+    """An MLflow run for one DVC stage, nested under its execution's parent run (:mod:`stages.run_context`),
+    with its params section logged and the grouping tags set."""
     experiment_id = configure()
-    tags = {**run_tags(), "gptlab.stage": stage, "dvc.stage": stage, "gptlab.role": "stage"}
-    owned_by_flow = bool(os.environ.get("GPTLAB_MLFLOW_PARENT_RUN_ID"))
-    parent = parent_run_id(experiment_id)
+    tags = {**run_context.run_tags(), "gptlab.stage": stage, "dvc.stage": stage, "gptlab.role": "stage"}
+    owned = run_context.owned_by_entry_point()
+    parent = run_context.parent_run(experiment_id)
     status = "FAILED"
     try:
         with mlflow.start_run(
@@ -194,9 +108,9 @@ def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
             yield run
         status = "FINISHED"
     finally:
-        if not owned_by_flow:
-            # Without a flow nobody else closes the parent: it reflects the latest stage's outcome.
-            mlflow.MlflowClient().set_terminated(parent, status)
+        if not owned:
+            # Started by DVC alone: nobody else closes the parent, which shows the latest stage's outcome.
+            run_context.finish(parent, status)
 
 
 def metrics_logger(prefix: str = "") -> Callable[[int, dict[str, float]], None]:
