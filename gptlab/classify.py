@@ -186,6 +186,17 @@ def predict(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> 
     return torch.cat(probs) if probs else torch.empty(0, model.config.num_classes)
 
 
+def stack_examples(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate ``(ids, label)`` pairs of equal length into ``(ids (B, T), labels (B,))``."""
+    ids, labels = zip(*items, strict=True)
+    return torch.stack(ids), torch.stack(labels)
+
+
+def majority_baseline(labels: torch.Tensor, num_classes: int) -> float:
+    """The accuracy of always answering the most frequent class: what a classifier must beat."""
+    return float(torch.bincount(labels, minlength=num_classes).max()) / max(len(labels), 1)
+
+
 def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Fraction of ``(ids, labels)`` whose most likely class is the label (book ch. 6 ``calc_accuracy_loader``)."""
     ids, labels = data

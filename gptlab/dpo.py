@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.instruct import format_input, format_response
+from gptlab.train import to_device
 
 PREFERENCE_KEYS = ("chosen", "rejected")
 REDUCTIONS = ("sum", "mean")
@@ -186,7 +187,8 @@ def dpo_batch_metrics(
 
     The reference runs under ``torch.no_grad()`` and is put in eval mode (it is a fixed distribution, so no
     dropout); the policy keeps whatever mode the caller set. Returns ``loss``, ``chosen_reward``,
-    ``rejected_reward``, ``reward_margin`` (chosen - rejected) and ``reward_accuracy`` (fraction of pairs with
+    ``rejected_reward``, ``reward_margin`` (chosen - rejected), the policy's mean ``logps_chosen`` and
+    ``logps_rejected``, and ``reward_accuracy`` (fraction of pairs with
     chosen reward > rejected reward), the last four detached scalars.
     """
     if policy is reference:
@@ -204,7 +206,73 @@ def dpo_batch_metrics(
         "rejected_reward": rejected_rewards.mean(),
         "reward_margin": (chosen_rewards - rejected_rewards).mean(),
         "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps_chosen": policy_chosen.detach().mean(),
+        "logps_rejected": policy_rejected.detach().mean(),
     }
+
+
+REWARD_KEYS = (
+    "loss",
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "reward_accuracy",
+    "logps_chosen",
+    "logps_rejected",
+)
+# The names Hugging Face TRL's DPOTrainer logs, so runs of both line up (TRL prefixes evaluation with "eval_").
+TRL_NAMES = {
+    "chosen_reward": "rewards/chosen",
+    "rejected_reward": "rewards/rejected",
+    "reward_accuracy": "rewards/accuracies",
+    "reward_margin": "rewards/margins",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
+
+
+def trl_names(row: dict[str, float]) -> dict[str, float]:
+    """``train_<key>``/``val_<key>`` metrics of :func:`evaluate_rewards` under TRL's names (``rewards/chosen``,
+    ``eval_rewards/chosen``, ...)."""
+    out = {}
+    for key, value in row.items():
+        split, _, name = key.partition("_")
+        if split in ("train", "val") and name in TRL_NAMES:
+            out[("eval_" if split == "val" else "") + TRL_NAMES[name]] = value
+    return out
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    policy: nn.Module,
+    reference: nn.Module,
+    batches,
+    beta: float,
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+    reduction: str = "sum",
+) -> dict[str, float]:
+    """Mean DPO loss and reward metrics (:data:`REWARD_KEYS`) over up to ``max_batches`` collated batches, in eval
+    mode; a resumable batch source is left where it was (the book's ``evaluate_dpo_loss_loader``)."""
+    was_training = policy.training
+    policy.eval()
+    position = batches.state_dict() if hasattr(batches, "state_dict") else None
+    sums = dict.fromkeys(REWARD_KEYS, 0.0)
+    n = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = dpo_batch_metrics(policy, reference, to_device(batch, device), beta, reduction)
+            for key in REWARD_KEYS:
+                sums[key] += float(out[key])
+            n += 1
+    finally:
+        if position is not None:
+            batches.load_state_dict(position)
+        policy.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}
 
 
 def make_dpo_loss_fn(

@@ -87,6 +87,7 @@ class TrainConfig:
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
     log_interval: int = 10
     seed: int = 123
+    """The section's one seed: training's RNGs and, in the stages, its splits, shuffles and new weights."""
     reseed: bool = True
     """Seed torch's and Python's RNGs with ``seed`` when training starts. False continues the stream the caller
     left: the book seeds once, before building the model, so its dropout masks follow the initialisation."""
@@ -94,7 +95,8 @@ class TrainConfig:
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
-    progress: bool = True
+    progress: bool | None = None
+    """Show a progress bar: True, False, or None for only on a terminal (display only: not a result param)."""
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -331,7 +333,13 @@ def train(
 
     batches = _batches_forever(train_data)
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, unit="step")
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="train",
+        disable=None if cfg.progress is None else not cfg.progress,
+        unit="step",
+    )
     window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
     start_time, start_tokens = t0, tokens_seen
     # A run resumed at its end (crashed after the final checkpoint) reports its last logged losses.

@@ -57,6 +57,29 @@ def load_base(params: BaseModelParams, pretrained: Path) -> tuple[GPT, str]:
     return load_hf_gpt2(resolve_source(params.source), name=params.source), f"gpt2:{params.source}"
 
 
+def base_model(params: BaseModelParams, pretrained: Path, tokens: Path, device: str) -> tuple[GPT, dict]:
+    """The base model and its metrics (origin, size, validation loss on the corpus); no files written."""
+    model, origin = load_base(params, pretrained)
+    model.to(device)
+    T = min(params.eval_context_length, model.config.context_length)
+    val = WindowLoader(
+        TokenStream(tokens, "val"),
+        context_length=T,
+        batch_size=params.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+    )
+    val_loss = evaluate(model, val, max_batches=params.eval_batches, device=device)
+    metrics = {
+        "source": origin,
+        "num_params": model.num_params(),
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 50.0)),
+        "context_length": model.config.context_length,
+    }
+    return model, metrics
+
+
 @stage_main("base_model")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,31 +92,15 @@ def main() -> None:
     device = resolve_device(params.device)
 
     with tracking.stage_run("base_model", params):
-        model, origin = load_base(params, args.pretrained)
-        model.to(device)
-        T = min(params.eval_context_length, model.config.context_length)
-        val = WindowLoader(
-            TokenStream(args.tokens, "val"),
-            context_length=T,
-            batch_size=params.eval_batch_size,
-            shuffle=False,
-            drop_last=False,
-        )
-        val_loss = evaluate(model, val, max_batches=params.eval_batches, device=device)
-        save_checkpoint(model, args.out, meta={"stage": "base_model", "source": origin})
-        metrics = {
-            "source": origin,
-            "num_params": model.num_params(),
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(min(val_loss, 50.0)),
-            "context_length": model.config.context_length,
-        }
+        model, metrics = base_model(params, args.pretrained, args.tokens, device)
+        save_checkpoint(model, args.out, meta={"stage": "base_model", "source": metrics["source"]})
         write_json(args.metrics, metrics)
         tracking.log_metrics(metrics)
-        tracking.mlflow.log_artifact(str(args.metrics))
+        tracking.log_outputs("base_model")
         tracking.mlflow.log_artifacts(str(args.out), artifact_path="model")
     print(
-        f"base_model: {origin}, {metrics['num_params'] / 1e6:.1f}M params, val loss {val_loss:.3f} -> {args.out}"
+        f"base_model: {metrics['source']}, {metrics['num_params'] / 1e6:.1f}M params, "
+        f"val loss {metrics['val_loss']:.3f} -> {args.out}"
     )
 
 

@@ -24,15 +24,18 @@ from gptlab.classify import (
     classification_report,
     confusion_matrix,
     encode_padded,
+    majority_baseline,
     parse_labeled_tsv,
     predict,
     set_trainable,
     split,
+    stack_examples,
     to_classifier,
 )
 from gptlab.data import ORDERS
 from gptlab.fileio import write_json
 from gptlab.instruct import ListBatches
+from gptlab.model import GPT
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
@@ -66,8 +69,6 @@ class ClassifyParams:
     with a quote runs to the closing quote); false reads one message per line, as the file is written."""
     balance: bool = True
     """Undersample ham to the number of spam messages (the book does)."""
-    seed: int = 123
-    """Seed of balancing, splitting and batch shuffling."""
     max_length: int | None = None
     """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
     trainable: str = "last_block"
@@ -95,8 +96,8 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
     """Parse, balance, split and encode; returns ({split: (ids, labels)}, max_length)."""
     examples = parse_labeled_tsv(text, labels=LABELS, source=source, quoting=params.csv_quoting)
     if params.balance:
-        examples = balance(examples, seed=params.seed)
-    splits = dict(zip(("train", "val", "test"), split(examples, seed=params.seed), strict=True))
+        examples = balance(examples, seed=params.train.seed)
+    splits = dict(zip(("train", "val", "test"), split(examples, seed=params.train.seed), strict=True))
     if any(not rows for rows in splits.values()):
         raise ValueError(f"{source}: too few messages for a 70/10/20 split ({len(examples)} after balancing)")
     longest = max(len(encode(t)) for _, t in splits["train"])
@@ -113,7 +114,7 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
 
 def build_model(base: Path, params: ClassifyParams, device: str):
     model, _ = load_checkpoint(base)
-    torch.manual_seed(params.seed)  # the new head's initialisation
+    torch.manual_seed(params.train.seed)  # the new head's initialisation
     model = to_classifier(model, len(LABELS), head_init=params.head_init)
     if params.trainable == "lora":
         lora.apply_lora(
@@ -130,6 +131,75 @@ def build_model(base: Path, params: ClassifyParams, device: str):
     return model.to(device)
 
 
+@dataclass
+class ClassifyResult:
+    model: GPT
+    """The trained classifier (adapters merged if ``lora.merge``)."""
+    meta: dict
+    """Checkpoint metadata: labels, max_length, LoRA settings."""
+    metrics: dict
+    history: list[dict]
+    confusion: list[list[int]]
+    """Test-split confusion matrix (rows: true class)."""
+
+
+def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, callback=None) -> ClassifyResult:
+    """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written."""
+    model = build_model(base, params, device)
+    splits, max_length = prepare_splits(
+        data.read_text(encoding="utf-8"), params, source=str(data), context_length=model.config.context_length
+    )
+    trainable, total = lora.count_parameters(model)
+    print(
+        f"classify: {trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
+    )
+    train_items = list(zip(*splits["train"], strict=True))
+    kw = dict(
+        batch_size=params.batch_size, collate=stack_examples, seed=params.train.seed, order=params.data_order
+    )
+    result = train(
+        model,
+        ListBatches(train_items, drop_last=params.drop_last, **kw),
+        params.train,
+        val_data=ListBatches(list(zip(*splits["val"], strict=True)), shuffle=False, **kw),
+        train_eval_data=ListBatches(train_items, drop_last=params.drop_last, **kw),
+        loss_fn=classification_loss,
+        device=device,
+        callback=callback,
+        eval_fn=lambda m: {
+            "train_accuracy": accuracy(m, splits["train"]),
+            "val_accuracy": accuracy(m, splits["val"]),
+        },
+    )
+    adapters = lora.lora_config(model)  # before merging: afterwards there are no LoRA layers to describe
+    if adapters and params.lora.merge:
+        lora.merge_lora(model)
+    ids, labels = splits["test"]
+    cm = confusion_matrix(labels, predict(model, ids).argmax(-1), len(LABELS))
+    report = classification_report(cm, LABELS)
+    metrics = {
+        "train_accuracy": accuracy(model, splits["train"]),
+        "val_accuracy": accuracy(model, splits["val"]),
+        "test_accuracy": report["accuracy"],
+        "test_majority_baseline": majority_baseline(labels, len(LABELS)),
+        "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+        "split_sizes": {name: len(d[1]) for name, d in splits.items()},
+        "max_length": max_length,
+        "trainable_params": trainable,
+        "total_params": total,
+        "test_per_class": report["per_class"],
+    }
+    meta = {
+        "stage": "classify",
+        "labels": list(LABELS),
+        "max_length": max_length,
+        "lora": adapters,
+        "lora_merged": bool(adapters) and params.lora.merge,
+    }
+    return ClassifyResult(model, meta, metrics, result.history, cm.tolist())
+
+
 @stage_main("classify")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -143,89 +213,25 @@ def main() -> None:
     parser.add_argument("--confusion-json", type=Path, required=True)
     args = parser.parse_args()
     params = load_section("classify", ClassifyParams)
-    device = resolve_device(params.device)
 
     with tracking.stage_run("classify", params):
-        model = build_model(args.base, params, device)
-        data, max_length = prepare_splits(
-            args.data.read_text(encoding="utf-8"),
-            params,
-            source=str(args.data),
-            context_length=model.config.context_length,
+        out = classify(
+            params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
         )
-        trainable, total = lora.count_parameters(model)
-        print(
-            f"classify: {trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
-        )
-        train_items = list(zip(*data["train"], strict=True))
-        kw = dict(batch_size=params.batch_size, collate=_stack, seed=params.seed, order=params.data_order)
-        loader = ListBatches(train_items, drop_last=params.drop_last, **kw)
-        train_eval = ListBatches(train_items, drop_last=params.drop_last, **kw)
-        val_loader = ListBatches(list(zip(*data["val"], strict=True)), shuffle=False, **kw)
-        result = train(
-            model,
-            loader,
-            params.train,
-            val_data=val_loader,
-            train_eval_data=train_eval,
-            loss_fn=classification_loss,
-            device=device,
-            callback=tracking.metrics_logger(),
-            eval_fn=lambda m: {
-                "train_accuracy": accuracy(m, data["train"]),
-                "val_accuracy": accuracy(m, data["val"]),
-            },
-        )
-        adapters = lora.lora_config(model)  # before merging: afterwards there are no LoRA layers to describe
-        if adapters and params.lora.merge:
-            lora.merge_lora(model)
-        meta = {
-            "stage": "classify",
-            "labels": list(LABELS),
-            "max_length": max_length,
-            "lora": adapters,
-            "lora_merged": bool(adapters) and params.lora.merge,
-        }
-        save_checkpoint(model, args.model, meta=meta)
-
-        ids, labels = data["test"]
-        preds = predict(model, ids).argmax(-1)
-        cm = confusion_matrix(labels, preds, len(LABELS))
-        report = classification_report(cm, LABELS)
-        majority = float(torch.bincount(labels, minlength=len(LABELS)).max()) / len(labels)
-        metrics = {
-            "train_accuracy": accuracy(model, data["train"]),
-            "val_accuracy": accuracy(model, data["val"]),
-            "test_accuracy": report["accuracy"],
-            "test_majority_baseline": majority,
-            "val_loss": result.val_loss,
-            "train_loss": result.train_loss,
-            "split_sizes": {name: len(d[1]) for name, d in data.items()},
-            "max_length": max_length,
-            "trainable_params": trainable,
-            "total_params": total,
-            "test_per_class": report["per_class"],
-        }
-        write_json(args.metrics, metrics)
-        write_json(args.confusion_json, {"labels": list(LABELS), "matrix": cm.tolist(), "split": "test"})
+        save_checkpoint(out.model, args.model, meta=out.meta)
+        write_json(args.metrics, out.metrics)
+        write_json(args.confusion_json, {"labels": list(LABELS), "matrix": out.confusion, "split": "test"})
         columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
-        write_history_csv(result.history, args.curves_csv, columns)
-        plot_curves(
-            result.history, args.curves_png, columns, title="spam classifier", ylabel="loss / accuracy"
-        )
-        plot_confusion(cm.tolist(), list(LABELS), args.confusion_png, title="test confusion matrix")
-        tracking.log_metrics(metrics, prefix="final_")
-        for path in (args.metrics, args.confusion_json, args.curves_csv, args.curves_png, args.confusion_png):
-            tracking.mlflow.log_artifact(str(path))
-        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=metrics)
+        write_history_csv(out.history, args.curves_csv, columns)
+        plot_curves(out.history, args.curves_png, columns, title="spam classifier", ylabel="loss / accuracy")
+        plot_confusion(out.confusion, list(LABELS), args.confusion_png, title="test confusion matrix")
+        tracking.log_metrics(out.metrics, prefix="final_")
+        tracking.log_outputs("classify")
+        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
+    m = out.metrics
     print(
-        f"classify: test accuracy {metrics['test_accuracy']:.3f} (majority baseline {majority:.3f}) -> {args.model}"
+        f"classify: test accuracy {m['test_accuracy']:.3f} (majority baseline {m['test_majority_baseline']:.3f}) -> {args.model}"
     )
-
-
-def _stack(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, labels = zip(*items, strict=True)
-    return torch.stack(ids), torch.stack(labels)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main() -> None:
         metrics = {"files": len(record), "bytes": sum(sizes.values()), "sources": record}
         write_json(args.metrics, metrics)
         tracking.log_metrics({"files": metrics["files"], "bytes": metrics["bytes"]})
-        tracking.mlflow.log_artifact(str(args.metrics))
+        tracking.log_outputs("download")
     print(f"download: {len(record)} files -> {args.out}")
 
 

@@ -222,8 +222,7 @@ def main() -> None:
             tracking.mlflow.log_text(
                 "".join(json.dumps(r) + "\n" for r in replies), artifact_file="judge_replies.jsonl"
             )
-        for path in (args.metrics, args.table, args.plot):
-            tracking.mlflow.log_artifact(str(path))
+        tracking.log_outputs("evaluate")
     for name, m in metrics["models"].items():
         spread = (
             f" ± {m['repeat_std']:.1f} over {len(m['repeat_means'])} repeats"

@@ -20,12 +20,9 @@ class GptlabModel(PythonModel):
         self.model, self.config = load_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params: dict | None = None) -> list[dict]:
-        import torch
-
         from gptlab.classify import encode_padded, predict
-        from gptlab.generate import generate
-        from gptlab.instruct import format_input
-        from gptlab.tokenizer import EOT_ID, decode, encode
+        from gptlab.responses import generate_responses
+        from gptlab.tokenizer import EOT_ID, encode
 
         texts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
         meta = self.config.get("meta", {})
@@ -35,11 +32,9 @@ class GptlabModel(PythonModel):
             labels = meta["labels"]
             return [{"label": labels[int(p.argmax())], "probability": float(p.max())} for p in probs]
         max_new = int((params or {}).get("max_new_tokens", 128))
-        prompts = [encode(format_input({"instruction": t, "input": ""})) for t in texts]
-        outs = generate(
-            self.model, prompts, max_new_tokens=max_new, eos_id=EOT_ID, generator=torch.Generator()
-        )
-        return [{"response": decode(o).removeprefix("\n\n### Response:\n").strip()} for o in outs]
+        entries = [{"instruction": t, "input": ""} for t in texts]
+        answers = generate_responses(self.model, entries, max_new_tokens=max_new, progress=False)
+        return [{"response": answer} for answer in answers]
 
 
 mlflow.models.set_model(GptlabModel())

@@ -167,8 +167,7 @@ def main() -> None:
         }
         write_json(args.metrics, metrics)
         tracking.log_metrics(metrics, prefix="final_")
-        for path in (args.metrics, args.loss_csv, args.loss_png, args.samples):
-            tracking.mlflow.log_artifact(str(path))
+        tracking.log_outputs("pretrain")
         tracking.mlflow.log_artifacts(str(args.model), artifact_path="model")
     shutil.rmtree(args.work, ignore_errors=True)  # finished: nothing left to resume
     print(f"pretrain: val loss {result.val_loss:.3f} after {result.step} steps -> {args.model}")

@@ -17,6 +17,8 @@ from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.data import ORDERS
 from gptlab.fileio import write_json
 from gptlab.instruct import ListBatches, collate_sft, encode_record
+from gptlab.model import GPT
+from gptlab.responses import generate_responses
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
@@ -24,15 +26,13 @@ from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
 from stages.plots import plot_curves, write_history_csv
 from stages.records import load_splits
-from stages.responses import generate_responses, write_responses
+from stages.responses import write_responses
 
 REGISTERED_NAME = "gptlab-sft"
 
 
 @dataclass
 class SftParams:
-    seed: int = 123
-    """Seed of the split and batch shuffling."""
     skip_invalid: bool = False
     """Skip (and count) records with missing/empty fields instead of failing."""
     split_shuffle: bool = True
@@ -59,6 +59,64 @@ class SftParams:
         check_choice("data_order", self.data_order, ORDERS)
 
 
+@dataclass
+class SftResult:
+    model: GPT
+    metrics: dict
+    history: list[dict]
+    responses: list[dict]
+    """Test records with the model's answer as ``model_response`` (the book's layout)."""
+
+
+def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback=None) -> SftResult:
+    """Instruction-finetune the ``base`` checkpoint on the ``data`` records and answer the test split."""
+    train_set, test_set, val_set, num_records, skipped = load_splits(
+        data,
+        required=("instruction", "input", "output"),
+        skip_invalid=params.skip_invalid,
+        train_frac=params.train_frac,
+        test_frac=params.test_frac,
+        seed=params.train.seed,
+        shuffle=params.split_shuffle,
+    )
+    model, _ = load_checkpoint(base, device=device)
+    collate = functools.partial(
+        collate_sft,
+        pad_id=EOT_ID,
+        allowed_max_length=params.max_length or model.config.context_length,
+        mask_prompt=params.mask_prompt,
+    )
+    train_items = [encode_record(e, encode) for e in train_set]
+    kw = dict(batch_size=params.batch_size, collate=collate, seed=params.train.seed, order=params.data_order)
+    result = train(
+        model,
+        ListBatches(train_items, drop_last=params.drop_last, **kw),
+        params.train,
+        val_data=ListBatches([encode_record(e, encode) for e in val_set], shuffle=False, **kw),
+        train_eval_data=ListBatches(train_items, drop_last=params.drop_last, **kw),
+        loss_fn=lm_loss,
+        device=device,
+        callback=callback,
+    )
+    answers = generate_responses(
+        model, test_set, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size
+    )
+    rows = [
+        {"instruction": e["instruction"], "input": e["input"], "output": e["output"], "model_response": r}
+        for e, r in zip(test_set, answers, strict=True)
+    ]
+    metrics = {
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "steps": result.step,
+        "records": num_records,
+        "skipped_records": skipped,
+        "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
+        "empty_responses": sum(not r for r in answers),
+    }
+    return SftResult(model, metrics, result.history, rows)
+
+
 @stage_main("sft")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,76 +132,27 @@ def main() -> None:
     parser.add_argument("--responses-table", type=Path, required=True, help="the same as Parquet")
     args = parser.parse_args()
     params = load_section("sft", SftParams)
-    device = resolve_device(params.device)
 
     with tracking.stage_run("sft", params):
-        train_set, test_set, val_set, num_records, skipped = load_splits(
-            args.data,
-            required=("instruction", "input", "output"),
-            skip_invalid=params.skip_invalid,
-            train_frac=params.train_frac,
-            test_frac=params.test_frac,
-            seed=params.seed,
-            shuffle=params.split_shuffle,
+        out = finetune(
+            params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
         )
-        model, _ = load_checkpoint(args.base, device=device)
-        collate = functools.partial(
-            collate_sft,
-            pad_id=EOT_ID,
-            allowed_max_length=params.max_length or model.config.context_length,
-            mask_prompt=params.mask_prompt,
-        )
-        train_items = [encode_record(e, encode) for e in train_set]
-        kw = dict(batch_size=params.batch_size, collate=collate, seed=params.seed, order=params.data_order)
-        loader = ListBatches(train_items, drop_last=params.drop_last, **kw)
-        train_eval = ListBatches(train_items, drop_last=params.drop_last, **kw)
-        val_loader = ListBatches([encode_record(e, encode) for e in val_set], shuffle=False, **kw)
-        result = train(
-            model,
-            loader,
-            params.train,
-            val_data=val_loader,
-            train_eval_data=train_eval,
-            loss_fn=lm_loss,
-            device=device,
-            callback=tracking.metrics_logger(),
-        )
-        save_checkpoint(model, args.model, meta={"stage": "sft", "prompt_format": "alpaca"})
-
-        responses = generate_responses(
-            model, test_set, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size
-        )
-        rows = [
-            {"instruction": e["instruction"], "input": e["input"], "output": e["output"], "model_response": r}
-            for e, r in zip(test_set, responses, strict=True)
-        ]
-        write_responses(rows, args.responses, args.responses_table)
-        metrics = {
-            "train_loss": result.train_loss,
-            "val_loss": result.val_loss,
-            "steps": result.step,
-            "tokens_per_sec": result.tokens_per_sec,
-            "records": num_records,
-            "skipped_records": skipped,
-            "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
-            "empty_responses": sum(not r for r in responses),
-        }
-        write_json(args.metrics, metrics)
-        write_history_csv(result.history, args.loss_csv, ["train_loss", "val_loss"])
+        save_checkpoint(out.model, args.model, meta={"stage": "sft", "prompt_format": "alpaca"})
+        write_responses(out.responses, args.responses, args.responses_table)
+        write_json(args.metrics, out.metrics)
+        columns = ["train_loss", "val_loss"]
+        write_history_csv(out.history, args.loss_csv, columns)
         plot_curves(
-            result.history,
-            args.loss_png,
-            ["train_loss", "val_loss"],
-            title="instruction finetuning",
-            ylabel="cross-entropy",
+            out.history, args.loss_png, columns, title="instruction finetuning", ylabel="cross-entropy"
         )
-        tracking.log_metrics(metrics, prefix="final_")
-        for path in (args.metrics, args.loss_csv, args.loss_png, args.responses, args.responses_table):
-            tracking.mlflow.log_artifact(str(path))
-        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=metrics)
-    print(f"sft: val loss {result.val_loss:.3f}, {len(rows)} test responses -> {args.responses}")
-    if rows:
-        print(f"  e.g. {rows[0]['instruction']!r} -> {rows[0]['model_response']!r}")
+        tracking.log_metrics(out.metrics, prefix="final_")
+        tracking.log_outputs("sft")
+        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
+    print(
+        f"sft: val loss {out.metrics['val_loss']:.3f}, {len(out.responses)} test responses -> {args.responses}"
+    )
+    if out.responses:
+        print(f"  e.g. {out.responses[0]['instruction']!r} -> {out.responses[0]['model_response']!r}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ def main() -> None:
         }
         write_json(args.metrics, metrics)
         tracking.log_metrics(metrics)
+        tracking.log_outputs("tokenize")
         tracking.mlflow.log_artifact(str(args.out / "manifest.json"))
     print(
         f"tokenize: {metrics['num_tokens']} tokens ({metrics['train_tokens']} train / {metrics['val_tokens']} val) -> {args.out}"

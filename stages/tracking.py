@@ -132,6 +132,27 @@ def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
     mlflow.log_metrics(numeric)
 
 
+def declared_outputs(stage: str, root: Path | None = None) -> list[Path]:
+    """The files and directories dvc.yaml declares as ``stage``'s outs, metrics and plots, through DVC's API
+    (dvc.yaml is the only place paths are written); empty when the stage runs outside a DVC project."""
+    root = (root or Path.cwd()).resolve()
+    if not (root / "dvc.yaml").is_file():
+        return []
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        found = [s for s in repo.index.stages if s.addressing == stage]
+        return [root / o.def_path for s in found for o in s.outs]
+
+
+def log_outputs(stage: str) -> None:
+    """Log the stage's declared output files as run artifacts (directories, i.e. checkpoints and data sets, are
+    logged as models or not at all)."""
+    for path in declared_outputs(stage):
+        if path.is_file():
+            mlflow.log_artifact(str(path))
+
+
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 

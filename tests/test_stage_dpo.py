@@ -1,0 +1,29 @@
+"""Stage ``dpo`` as a function: reward metrics before and after, TRL's metric names, both models' answers."""
+
+from __future__ import annotations
+
+from stage_fixtures import SAMPLE, quick_train, tiny_checkpoint
+
+from stages.dpo import DpoParams, preference_tune
+
+
+def test_preference_tune_reports_rewards_under_both_names(tmp_path) -> None:
+    sft = tiny_checkpoint(tmp_path / "sft", stage="sft", prompt_format="alpaca")
+    rows = {}
+    params = DpoParams(train=quick_train(lr=1e-3), max_new_tokens=3, reduction="mean")
+    out = preference_tune(
+        params,
+        sft,
+        SAMPLE / "instruction-data-with-preference.json",
+        "cpu",
+        callback=lambda s, m: rows.setdefault(s, {}).update(m),
+    )
+    m = out.metrics
+    assert m["initial_train_reward_accuracy"] == 0.0 and m["initial_train_loss"] == 0.6931471824645996
+    assert {"final_train_reward_margin", "final_val_reward_accuracy", "final_train_logps_chosen"} <= set(m)
+    last = rows[3]
+    assert last["rewards/margins"] == last["train_reward_margin"]
+    assert last["eval_rewards/accuracies"] == last["val_reward_accuracy"]
+    assert last["logps/chosen"] == last["train_logps_chosen"] < 0
+    assert len(out.responses) == m["split_sizes"]["test"] == 10
+    assert {"reference_response", "model_response"} <= set(out.responses[0])
