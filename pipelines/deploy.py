@@ -23,8 +23,9 @@ With a work pool and a worker instead of ``serve`` (same deployment, the flow co
     prefect worker start --pool gptlab --limit 1           # executes the runs; keep it running
     prefect deployment run 'gptlab-pipeline/gptlab-nightly'
 
-``prefect deploy -n gptlab-nightly`` (repo root) creates the same deployment from ``prefect.yaml`` (for the
-``gptlab`` process pool; ``tests/test_deploy.py`` checks the two agree).
+The deployment is defined once, in ``prefect.yaml``: its name, entrypoint, schedule, parameters, concurrency
+limit, tags and work pool are read from there, so ``prefect deploy -n gptlab-nightly`` (repo root) and this
+module create the same deployment; options given here override the file's values.
 
 Docker or Kubernetes: nothing here changes but the pool and where the code lives. Build an image yourself
 (this module builds none) that copies the repo to ``/opt/prefect`` (where ``prefect deploy`` expects a job
@@ -63,21 +64,33 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW_NAME = "gptlab-pipeline"
-ENTRYPOINT = "pipelines/flow.py:pipeline"
-DEFAULT_NAME = "gptlab-nightly"
-DEFAULT_CRON = "0 3 * * *"
-DEFAULT_TIMEZONE = "UTC"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
-DEFAULT_POOL = "gptlab"
-CONCURRENCY_LIMIT = 1
+
+
+def deployment_spec(root: Path = ROOT) -> dict[str, Any]:
+    """The deployment as ``prefect.yaml`` defines it (the only definition)."""
+    (spec,) = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+    return spec
+
+
+SPEC = deployment_spec()
+ENTRYPOINT: str = SPEC["entrypoint"]
+DEFAULT_NAME: str = SPEC["name"]
+DEFAULT_CRON: str = SPEC["schedules"][0]["cron"]
+DEFAULT_TIMEZONE: str = SPEC["schedules"][0]["timezone"]
+DEFAULT_POOL: str = SPEC["work_pool"]["name"]
+CONCURRENCY_LIMIT: int = SPEC["concurrency_limit"]["limit"]
 """One active run per deployment: two ``dvc repro`` in one checkout would fight over DVC's lock and outputs."""
-TAGS = ["gptlab", "dvc"]
-DESCRIPTION = "gptlab pipeline: dvc repro, stage by stage"
+COLLISION_STRATEGY: str = SPEC["concurrency_limit"]["collision_strategy"]
+TAGS: list[str] = SPEC["tags"]
+DESCRIPTION: str = SPEC["description"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,12 +150,14 @@ def validate(args: argparse.Namespace, root: Path = ROOT) -> None:
 
 def flow_parameters(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
     """The flow's parameters, all spelled out so the deployment's page shows exactly what a run does."""
+    # prefect.yaml's root: "." is the pull step's working directory (portable to images); served and
+    # process-pool deployments pin this checkout's absolute path instead.
+    defaults = {**SPEC["parameters"], "root": str(root)}
     return {
-        "root": str(root),
-        "target": args.target,
-        "force": False,  # DVC's cache decides what reruns; forcing nightly would retrain everything
-        "profile": args.profile,
-        "set_params": list(args.set_param) if args.set_param else None,
+        **defaults,
+        "target": args.target if args.target is not None else defaults["target"],
+        "profile": args.profile if args.profile is not None else defaults["profile"],
+        "set_params": list(args.set_param) if args.set_param else defaults["set_params"],
     }
 
 
@@ -157,7 +172,7 @@ def deployment_options(args: argparse.Namespace, root: Path = ROOT) -> dict[str,
         "parameters": flow_parameters(args, root),
         # ENQUEUE (Prefect's default, spelled out): an overlapping run waits for the active one, never dropped.
         "concurrency_limit": ConcurrencyLimitConfig(
-            limit=CONCURRENCY_LIMIT, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            limit=CONCURRENCY_LIMIT, collision_strategy=ConcurrencyLimitStrategy(COLLISION_STRATEGY)
         ),
         "description": DESCRIPTION,
         "tags": TAGS,

@@ -43,7 +43,11 @@ def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
             keep = set(stages)
         order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
         return [
-            {"name": s.addressing, "metrics": [o.def_path for o in s.outs if o.metric]}
+            {
+                "name": s.addressing,
+                "metrics": [o.def_path for o in s.outs if o.metric],
+                "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
+            }
             for s in order
             if s.addressing in keep
         ]

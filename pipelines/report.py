@@ -14,15 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-FIGURES = [
-    ("pretraining loss", "plots/pretrain/loss.png"),
-    ("spam classifier: loss and accuracy", "plots/classify/curves.png"),
-    ("spam classifier: test confusion matrix", "plots/classify/confusion.png"),
-    ("instruction finetuning loss", "plots/sft/loss.png"),
-    ("DPO rewards", "plots/dpo/curves.png"),
-    ("LLM-judge scores", "plots/evaluate/scores.png"),
-]
-
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -66,7 +57,13 @@ def build(
             ]
         md.append("")
     md += ["## Figures", ""]
-    present = [(title, rel) for title, rel in FIGURES if (root / rel).is_file()]
+    # The PNG plots dvc.yaml declares for each stage, titled "<stage>: <file name>".
+    present = [
+        (f"{stage['name']}: {Path(rel).stem}", rel)
+        for stage in stages
+        for rel in stage.get("figures", [])
+        if (root / rel).is_file()
+    ]
     md += [f"![{title}]({rel})" for title, rel in present]
     markdown = "\n".join(md) + "\n"
 

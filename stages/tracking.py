@@ -30,6 +30,8 @@ import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads a
 from stages import run_context  # noqa: E402
 
 EXPERIMENT = os.environ.get("GPTLAB_EXPERIMENT", "gptlab")
+# MLflow 3's UI opens an experiment by its kind: the model-training view (runs, metric charts), not GenAI's.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -68,13 +70,18 @@ def configure(root: Path | None = None) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-    try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
-        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    if exp is None:
+        artifacts = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+        try:
+            experiment_id = mlflow.create_experiment(
+                EXPERIMENT, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND])
+            )
+        except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+            experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        return experiment_id
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # an experiment made by an older version
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

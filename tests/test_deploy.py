@@ -138,22 +138,20 @@ def test_no_server_is_one_line_error(tmp_path: Path) -> None:
     )
 
 
-def test_prefect_yaml_is_the_same_deployment() -> None:
+def test_prefect_yaml_is_the_one_definition(tmp_path: Path) -> None:
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert config["build"] is None and config["push"] is None and "pull" not in config
-    (spec,) = config["deployments"]
-    args = deploy.parse_args(["register"])
-    options = deploy.deployment_options(args)
-    assert spec["name"] == deploy.DEFAULT_NAME
-    assert spec["entrypoint"] == deploy.ENTRYPOINT
-    assert spec["schedules"] == [
-        {"cron": deploy.DEFAULT_CRON, "timezone": deploy.DEFAULT_TIMEZONE, "active": True}
-    ]
-    assert spec["concurrency_limit"] == {"limit": deploy.CONCURRENCY_LIMIT, "collision_strategy": "ENQUEUE"}
-    # root: "." there (the pull step's working directory, portable to images) where deploy.py pins the path.
-    assert spec["parameters"] == {**options["parameters"], "root": "."}
-    assert (spec["tags"], spec["description"]) == (deploy.TAGS, deploy.DESCRIPTION)
-    assert spec["work_pool"]["name"] == deploy.DEFAULT_POOL
+    # deploy.py reads its deployment from prefect.yaml: an edit there is what `serve`/`register` deploy.
+    edited = (REPO / "prefect.yaml").read_text().replace('cron: "0 3 * * *"', 'cron: "15 4 * * 1"')
+    edited = edited.replace("limit: 1", "limit: 2").replace("tags: [gptlab, dvc]", "tags: [gptlab, nightly]")
+    (tmp_path / "prefect.yaml").write_text(edited)
+    spec = deploy.deployment_spec(tmp_path)
+    assert spec["schedules"][0]["cron"] == "15 4 * * 1" and spec["concurrency_limit"]["limit"] == 2
+    assert spec["tags"] == ["gptlab", "nightly"]
+    assert deploy.deployment_spec() == deploy.SPEC
+    options = deploy.deployment_options(deploy.parse_args(["register"]))
+    assert options["parameters"] == {**deploy.SPEC["parameters"], "root": str(REPO)}
+    assert options["concurrency_limit"].limit == deploy.SPEC["concurrency_limit"]["limit"]
 
 
 # ---------------------------------------------------------------- end to end: server + served deployment

@@ -151,7 +151,14 @@ def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
         key = "test_accuracy" if stage == "classify" else "steps"
         logged = client.get_logged_model(version.source.removeprefix("models:/"))
         assert key in {m.key for m in logged.metrics} and key in version.tags
-    assert "confusion.png" in {f.path for f in client.list_artifacts(by_stage["classify"].info.run_id)}
+    classify_files = {f.path for f in client.list_artifacts(by_stage["classify"].info.run_id)}
+    # What dvc.yaml declares for the stage is logged, nothing listed a second time in the code.
+    assert {"confusion.png", "confusion.json", "curves.csv", "curves.png", "classify.json"} <= classify_files
+    # DPO's rewards also under the names TRL logs, so runs of both line up.
+    dpo_metrics = client.get_run(by_stage["dpo"].info.run_id).data.metrics
+    assert {"rewards/margins", "eval_rewards/accuracies", "logps/chosen"} <= set(dpo_metrics)
+    # The experiment opens in MLflow's model-training view.
+    assert client.get_experiment_by_name("gptlab").tags["mlflow.experimentKind"] == "custom_model_development"
     model = mlflow.pyfunc.load_model("models:/gptlab-spam-classifier/1")
     (pred,) = model.predict(["Free entry! Claim your £500 prize now"])
     assert pred["label"] in {"ham", "spam"} and 0.5 <= pred["probability"] <= 1.0
