@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.batches import Splits
 from gptlab.model import GPT
 
 TRAINABLE = ("head", "last_block", "all", "lora")
@@ -98,9 +99,7 @@ def balance(examples: Sequence[tuple[int, str]], *, seed: int) -> list[tuple[int
     return [examples[i] for i in keep]
 
 
-def split(
-    examples: Sequence, *, seed: int, train_frac: float = 0.7, val_frac: float = 0.1
-) -> tuple[list, list, list]:
+def split(examples: Sequence, *, seed: int, train_frac: float = 0.7, val_frac: float = 0.1) -> Splits:
     """The book's ``random_split``: shuffle as ``df.sample(frac=1, random_state=seed)``, then
     train/validation/test = the first ``int(n * 0.7)`` / the next ``int(n * 0.1)`` / the rest."""
     if not (0 < train_frac < 1 and 0 <= val_frac < 1 and train_frac + val_frac < 1):
@@ -108,7 +107,7 @@ def split(
     items = [examples[i] for i in _sample_order(len(examples), seed)]
     train_end = int(len(items) * train_frac)
     val_end = train_end + int(len(items) * val_frac)
-    return items[:train_end], items[train_end:val_end], items[val_end:]
+    return Splits(train=items[:train_end], val=items[train_end:val_end], test=items[val_end:])
 
 
 def encode_padded(

@@ -11,11 +11,11 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
-from gptlab.data import EpochBatches
+from gptlab.batches import Splits
 
 T = TypeVar("T")
 
@@ -104,12 +104,12 @@ def split_records(
     test_frac: float = 0.10,
     seed: int = 123,
     shuffle: bool = True,
-) -> tuple[list[T], list[T], list[T]]:
+) -> Splits[T]:
     """Seeded shuffle (unless ``shuffle`` is false: the book's ch. 7 splits in file order), then the book's
-    split: ``(train, test, val)``.
+    split, returned as :class:`~gptlab.batches.Splits` ``(train, val, test)``.
 
     train is the first ``floor(n * train_frac)`` records, test the next ``floor(n * test_frac)``, val the rest
-    (1100 records give 935 / 110 / 55). The shuffle uses its own ``random.Random(seed)``: ``gptlab.train``
+    (1100 records give 935 / 110 / 55), as the book cuts them. The shuffle uses its own ``random.Random(seed)``: ``gptlab.train``
     reseeds the global RNG, and the split must not depend on what ran before it.
     """
     train_d, test_d = _fraction("train_frac", train_frac), _fraction("test_frac", test_frac)
@@ -123,7 +123,8 @@ def split_records(
     n = len(shuffled)
     n_train = math.floor(train_d * n)
     n_test = math.floor(test_d * n)
-    return shuffled[:n_train], shuffled[n_train : n_train + n_test], shuffled[n_train + n_test :]
+    train, test = shuffled[:n_train], shuffled[n_train : n_train + n_test]
+    return Splits(train=train, val=shuffled[n_train + n_test :], test=test)
 
 
 def encode_record(entry: dict, encode: Callable[[str], list[int]]) -> tuple[list[int], int]:
@@ -192,42 +193,3 @@ def collate_sft(
         inputs = inputs[:, :allowed_max_length]
         targets = targets[:, :allowed_max_length]
     return inputs, targets
-
-
-class ListBatches(EpochBatches):
-    """Resumable batches over an in-memory list, built by ``collate`` (classification, SFT and DPO data).
-
-    Epochs, shuffling (``order``) and exact resume as :class:`gptlab.data.EpochBatches`.
-    """
-
-    def __init__(
-        self,
-        items: Sequence,
-        *,
-        batch_size: int,
-        collate: Callable[[list], Any],
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        order: str = "seeded",
-    ) -> None:
-        # A snapshot, so a caller mutating its list cannot shift a resumed run's order.
-        self.items = list(items)
-        self.collate = collate
-        if not self.items:
-            raise ValueError("ListBatches needs at least one item")
-        if drop_last and isinstance(batch_size, int) and len(self.items) < batch_size:
-            raise ValueError(
-                f"drop_last with batch_size={batch_size} but only {len(self.items)} items: no batch would "
-                f"ever be produced; lower batch_size or pass drop_last=False"
-            )
-        super().__init__(
-            len(self.items),
-            batch_size=batch_size,
-            fetch=lambda indices: self.collate([self.items[int(i)] for i in indices]),
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            order=order,
-            name="ListBatches",
-        )

@@ -31,7 +31,7 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
 class BatchSource(Protocol):
-    """An epoch iterable that can report and restore its position (e.g. :class:`gptlab.data.WindowLoader`)."""
+    """An epoch iterable that can report and restore its position (e.g. :class:`gptlab.batches.WindowLoader`)."""
 
     def __iter__(self) -> Iterator[Batch]: ...
     def state_dict(self) -> dict[str, Any]: ...

@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptlab.batches import WindowLoader
 from gptlab.checkpoint import load_checkpoint, read_config, save_checkpoint
 from gptlab.config import GPT2_PRESETS
-from gptlab.data import TokenStream, WindowLoader
+from gptlab.data import TokenStream
 from gptlab.fileio import write_json
 from gptlab.gpt2_weights import load_hf_gpt2, resolve_source
 from gptlab.model import GPT

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gptlab import lora
+from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.classify import (
     HEAD_INITS,
@@ -32,9 +33,7 @@ from gptlab.classify import (
     stack_examples,
     to_classifier,
 )
-from gptlab.data import ORDERS
 from gptlab.fileio import write_json
-from gptlab.instruct import ListBatches
 from gptlab.model import GPT
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
@@ -81,7 +80,7 @@ class ClassifyParams:
     drop_last: bool = False
     """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
     data_order: str = "seeded"
-    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    """Shuffled order of the training batches (gptlab.batches.ORDERS): ``seeded`` or ``torch`` (the book's
     DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
@@ -97,7 +96,7 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
     examples = parse_labeled_tsv(text, labels=LABELS, source=source, quoting=params.csv_quoting)
     if params.balance:
         examples = balance(examples, seed=params.train.seed)
-    splits = dict(zip(("train", "val", "test"), split(examples, seed=params.train.seed), strict=True))
+    splits = split(examples, seed=params.train.seed)._asdict()
     if any(not rows for rows in splits.values()):
         raise ValueError(f"{source}: too few messages for a 70/10/20 split ({len(examples)} after balancing)")
     longest = max(len(encode(t)) for _, t in splits["train"])

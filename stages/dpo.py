@@ -14,8 +14,8 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
-from gptlab.data import ORDERS
 from gptlab.dpo import (
     REDUCTIONS,
     collate_preferences,
@@ -25,7 +25,6 @@ from gptlab.dpo import (
     trl_names,
 )
 from gptlab.fileio import write_json
-from gptlab.instruct import ListBatches
 from gptlab.model import GPT
 from gptlab.responses import generate_responses
 from gptlab.tokenizer import EOT_ID, encode
@@ -59,7 +58,7 @@ class DpoParams:
     drop_last: bool = False
     """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
     data_order: str = "seeded"
-    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    """Shuffled order of the training batches (gptlab.batches.ORDERS): ``seeded`` or ``torch`` (the book's
     DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
@@ -86,7 +85,7 @@ class DpoResult:
 
 def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, callback=None) -> DpoResult:
     """DPO on the ``sft`` checkpoint with the ``data`` preference records; test answers of both models."""
-    train_set, test_set, val_set, num_records, skipped = load_splits(
+    parts, num_records, skipped = load_splits(
         data,
         required=("instruction", "input", "chosen", "rejected"),
         skip_invalid=params.skip_invalid,
@@ -95,6 +94,7 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         seed=params.train.seed,
         shuffle=params.split_shuffle,
     )
+    train_set, val_set, test_set = parts
     policy, _ = load_checkpoint(sft, device=device)
     policy.set_dropout(0.0)  # dropout noise would bias log(pi/pi_ref) and the implicit rewards
     reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from gptlab.batches import ORDERS, WindowLoader
 from gptlab.checkpoint import Checkpointer, save_checkpoint
 from gptlab.config import GPTConfig
-from gptlab.data import ORDERS, TokenStream, WindowLoader
+from gptlab.data import TokenStream
 from gptlab.fileio import write_json
 from gptlab.generate import SamplingConfig, generate
 from gptlab.model import GPT, INIT_SCHEMES
@@ -48,7 +49,7 @@ class PretrainParams:
     """Window stride; None = context_length (non-overlapping windows, as the book)."""
     batch_size: int = 8
     data_order: str = "seeded"
-    """Shuffled order of the windows (gptlab.data.ORDERS): ``seeded`` (a permutation per epoch from
+    """Shuffled order of the windows (gptlab.batches.ORDERS): ``seeded`` (a permutation per epoch from
     ``train.seed``) or ``torch`` (drawn from the global torch RNG as the book's DataLoader does)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"

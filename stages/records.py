@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptlab.batches import Splits
 from gptlab.instruct import split_records, validate_records
 
 
@@ -17,10 +18,10 @@ def load_splits(
     test_frac: float,
     seed: int,
     shuffle: bool = True,
-) -> tuple[list[dict], list[dict], list[dict], int, int]:
+) -> tuple[Splits[dict], int, int]:
     """Read and validate the book's JSON records (every field but ``input`` non-empty), then split them
     into train/test/validation (book ch. 7; shuffled first, seeded, unless ``shuffle`` is false); returns
-    (train, test, val, valid records, skipped)."""
+    (splits, valid records, skipped)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -29,13 +30,15 @@ def load_splits(
     records, skipped = validate_records(
         data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
     )
-    train, test, val = split_records(
-        records, train_frac=train_frac, test_frac=test_frac, seed=seed, shuffle=shuffle
-    )
-    empty = [name for name, rows in (("train", train), ("test", test), ("validation", val)) if not rows]
+    parts = split_records(records, train_frac=train_frac, test_frac=test_frac, seed=seed, shuffle=shuffle)
+    empty = [
+        name
+        for name, rows in (("train", parts.train), ("test", parts.test), ("validation", parts.val))
+        if not rows
+    ]
     if empty:
         raise ValueError(
             f"{path}: {len(records)} records leave the {'/'.join(empty)} split empty "
             f"(train_frac={train_frac}, test_frac={test_frac}); add records or change the fractions"
         )
-    return train, test, val, len(records), skipped
+    return parts, len(records), skipped

@@ -13,10 +13,10 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
-from gptlab.data import ORDERS
 from gptlab.fileio import write_json
-from gptlab.instruct import ListBatches, collate_sft, encode_record
+from gptlab.instruct import collate_sft, encode_record
 from gptlab.model import GPT
 from gptlab.responses import generate_responses
 from gptlab.tokenizer import EOT_ID, encode
@@ -47,7 +47,7 @@ class SftParams:
     drop_last: bool = False
     """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
     data_order: str = "seeded"
-    """Shuffled order of the training batches (gptlab.data.ORDERS): ``seeded`` or ``torch`` (the book's
+    """Shuffled order of the training batches (gptlab.batches.ORDERS): ``seeded`` or ``torch`` (the book's
     DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
@@ -70,7 +70,7 @@ class SftResult:
 
 def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback=None) -> SftResult:
     """Instruction-finetune the ``base`` checkpoint on the ``data`` records and answer the test split."""
-    train_set, test_set, val_set, num_records, skipped = load_splits(
+    parts, num_records, skipped = load_splits(
         data,
         required=("instruction", "input", "output"),
         skip_invalid=params.skip_invalid,
@@ -79,6 +79,7 @@ def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback
         seed=params.train.seed,
         shuffle=params.split_shuffle,
     )
+    train_set, val_set, test_set = parts
     model, _ = load_checkpoint(base, device=device)
     collate = functools.partial(
         collate_sft,

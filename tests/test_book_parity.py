@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
+from gptlab.batches import ListBatches, WindowLoader
 from gptlab.book_weights import config_from_book, from_book_state_dict, load_book_model, to_book_state_dict
 from gptlab.classify import (
     accuracy,
@@ -33,10 +34,10 @@ from gptlab.classify import (
     to_classifier,
 )
 from gptlab.config import GPTConfig
-from gptlab.data import ShardWriter, TokenStream, WindowLoader
+from gptlab.data import ShardWriter, TokenStream
 from gptlab.dpo import dpo_loss, sequence_logprobs
 from gptlab.generate import SamplingConfig, generate
-from gptlab.instruct import ListBatches, collate_sft, encode_record, format_input
+from gptlab.instruct import collate_sft, encode_record, format_input
 from gptlab.lora import LoRALinear
 from gptlab.model import GPT
 from gptlab.tokenizer import EOT_ID, encode

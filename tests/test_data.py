@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
-from gptlab.data import ShardWriter, TokenStream, WindowLoader, token_dtype
+from gptlab.data import ShardWriter, TokenStream, token_dtype
 
 
 def write_stream(
@@ -208,93 +207,6 @@ def test_stream_open_errors(tmp_path: Path) -> None:
     (tmp_path / "tokens-00002.arrow").unlink()
     with pytest.raises(FileNotFoundError, match="tokens-00002.arrow"):
         TokenStream(tmp_path)
-
-
-def test_windows_match_book_gptdatasetv1(tmp_path: Path) -> None:
-    tokens = list(range(21))
-    write_stream(tmp_path, np.array(tokens), val_fraction=0.0, shard_size=5, chunks=[3, 4])
-    stream = TokenStream(tmp_path, "train")
-    loader = WindowLoader(stream, context_length=4, batch_size=1, stride=2, shuffle=False, drop_last=False)
-    xs, ys = book_windows(tokens, 4, 2)
-    assert loader.num_windows == len(range(0, 21 - 4, 2)) == len(xs) == 9
-    batches = list(loader)
-    assert [b[0].tolist()[0] for b in batches] == xs
-    assert [b[1].tolist()[0] for b in batches] == ys
-    assert batches[0][0].tolist() == [[0, 1, 2, 3]] and batches[0][1].tolist() == [[1, 2, 3, 4]]
-    assert batches[1][0].tolist() == [[2, 3, 4, 5]]
-
-    # batched, default stride = context_length (no overlap), drop_last drops the ragged tail
-    loader = WindowLoader(stream, context_length=4, batch_size=2, shuffle=False)
-    assert loader.num_windows == 5 and len(loader) == 2
-    x, y = next(iter(loader))
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, 4)
-    assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and y.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
-
-
-def test_shuffle_deterministic_complete_and_epoch_dependent(tmp_path: Path) -> None:
-    write_stream(tmp_path, np.arange(2000) % 50257, val_fraction=0.0)
-    stream = TokenStream(tmp_path)
-
-    def epoch_starts(seed: int, epochs: int = 2) -> list[list[int]]:
-        loader = WindowLoader(stream, context_length=8, batch_size=7, stride=5, seed=seed, drop_last=False)
-        # tokens are their positions, so x[:, 0] is each window's start
-        return [[s for x, _ in loader for s in x[:, 0].tolist()] for _ in range(epochs)]
-
-    a0, a1 = epoch_starts(1)
-    assert epoch_starts(1) == [a0, a1]
-    assert epoch_starts(2)[0] != a0
-    assert a0 != a1
-    expected = list(range(0, 2000 - 8, 5))
-    assert sorted(a0) == sorted(a1) == expected  # each window exactly once per epoch
-
-
-def test_resume_from_state_dict(tmp_path: Path) -> None:
-    write_stream(tmp_path, np.random.default_rng(3).integers(0, 50257, 3000), val_fraction=0.0)
-    stream = TokenStream(tmp_path)
-    kwargs = {"context_length": 16, "batch_size": 4, "stride": 8, "seed": 7}
-
-    reference = WindowLoader(stream, **kwargs)
-    n = len(reference)
-    full = [b for _ in range(3) for b in reference]  # three epochs uninterrupted
-    assert len(full) == 3 * n
-
-    for k in (0, 5, n - 1, n, n + 3):
-        loader = WindowLoader(stream, **kwargs)
-        seen = []
-        while len(seen) < k:
-            for b in loader:
-                seen.append(b)
-                if len(seen) == k:
-                    break
-        state = json.loads(json.dumps(loader.state_dict()))  # survives a JSON round trip
-        assert state["epoch"] == k // n and state["position"] == k % n and state["seed"] == 7
-
-        resumed = WindowLoader(stream, **{**kwargs, "seed": 0})  # state's seed wins
-        resumed.load_state_dict(state)
-        rest = [b for _ in range(3 - k // n) for b in resumed]
-        assert len(seen) + len(rest) == len(full)
-        for (x, y), (fx, fy) in zip(seen + rest, full, strict=True):
-            assert torch.equal(x, fx) and torch.equal(y, fy)
-
-
-def test_stale_iterator_is_rejected(tmp_path: Path) -> None:
-    write_stream(tmp_path, np.arange(500), val_fraction=0.0)
-    loader = WindowLoader(TokenStream(tmp_path), context_length=4, batch_size=2)
-    old = iter(loader)
-    next(old)
-    next(iter(loader))
-    with pytest.raises(RuntimeError, match="invalidated"):
-        next(old)
-
-
-def test_too_short_stream(tmp_path: Path) -> None:
-    write_stream(tmp_path, np.arange(40), val_fraction=0.5)  # 20 train tokens
-    stream = TokenStream(tmp_path, "train")
-    with pytest.raises(ValueError, match=r"context_length=20 needs at least 21 tokens.* has 20"):
-        WindowLoader(stream, context_length=20, batch_size=1)
-    with pytest.raises(ValueError, match=r"batch_size=4 .*needs at least 30 tokens.* has 20"):
-        WindowLoader(stream, context_length=8, batch_size=4, stride=7)
-    assert len(WindowLoader(stream, context_length=8, batch_size=4, stride=7, drop_last=False)) == 1
 
 
 def test_reads_are_memory_mapped(tmp_path: Path) -> None:

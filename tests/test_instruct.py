@@ -1,17 +1,14 @@
-"""Instruction data (book ch. 7): prompt format, record validation, split, tokenization, SFT collate, batches."""
+"""Instruction data (book ch. 7): prompt format, record validation, split, tokenization, SFT collate."""
 
 from __future__ import annotations
 
-import copy
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptlab.instruct import (
-    ListBatches,
     collate_sft,
     encode_record,
     format_input,
@@ -120,7 +117,7 @@ def test_validate_rejects_non_list(data):
 
 
 def test_split_sizes_match_the_book():
-    train, test, val = split_records(list(range(1100)))
+    train, val, test = split_records(list(range(1100)))
     assert (len(train), len(test), len(val)) == (935, 110, 55)
 
 
@@ -144,7 +141,7 @@ def test_split_ignores_the_global_rng():
 
 
 def test_split_fraction_edges_and_validation():
-    train, test, val = split_records(list(range(10)), train_frac=1.0, test_frac=0.0)
+    train, val, test = split_records(list(range(10)), train_frac=1.0, test_frac=0.0)
     assert (sorted(train), test, val) == (list(range(10)), [], [])
     assert split_records([], train_frac=0.5, test_frac=0.5) == ([], [], [])
     with pytest.raises(ValueError, match="train_frac"):
@@ -297,107 +294,3 @@ def test_collate_rejects_bad_batches():
         collate_sft([([1, 2], 3)])
     with pytest.raises(ValueError, match="allowed_max_length"):
         collate_sft([([1], 1)], allowed_max_length=0)
-
-
-# --- ListBatches ---------------------------------------------------------------------------------------------
-
-
-def epoch_batches(source: ListBatches) -> list[list[int]]:
-    return [list(b) for b in source]
-
-
-def test_list_batches_cover_every_item_once_per_epoch():
-    source = ListBatches(range(10), batch_size=3, collate=list, seed=5)
-    assert len(source) == 4
-    for _ in range(3):
-        batches = epoch_batches(source)
-        assert [len(b) for b in batches] == [3, 3, 3, 1]
-        assert sorted(i for b in batches for i in b) == list(range(10))
-    assert source.state_dict()["epoch"] == 3
-
-
-def test_list_batches_shuffle_is_seeded_and_changes_by_epoch():
-    a = ListBatches(range(20), batch_size=4, collate=list, seed=1)
-    b = ListBatches(range(20), batch_size=4, collate=list, seed=1)
-    a0, a1 = epoch_batches(a), epoch_batches(a)
-    assert (a0, a1) == (epoch_batches(b), epoch_batches(b))
-    assert a0 != a1
-    assert epoch_batches(ListBatches(range(20), batch_size=4, collate=list, seed=2)) != a0
-    plain = ListBatches(range(5), batch_size=2, collate=list, shuffle=False)
-    assert epoch_batches(plain) == [[0, 1], [2, 3], [4]]
-
-
-def test_list_batches_drop_last():
-    source = ListBatches(range(10), batch_size=3, collate=list, drop_last=True)
-    assert len(source) == 3
-    batches = epoch_batches(source)
-    assert [len(b) for b in batches] == [3, 3, 3]
-    assert len({i for b in batches for i in b}) == 9
-    with pytest.raises(ValueError, match="drop_last"):
-        ListBatches(range(2), batch_size=3, collate=list, drop_last=True)
-    assert len(ListBatches(range(2), batch_size=3, collate=list)) == 1
-
-
-def take(source: ListBatches, k: int) -> list[list[int]]:
-    """The next ``k`` batches, crossing epoch boundaries (each ``iter()`` stops at the end of an epoch)."""
-    out: list[list[int]] = []
-    while len(out) < k:
-        for batch in source:
-            out.append(list(batch))
-            if len(out) == k:
-                break
-    return out
-
-
-@pytest.mark.parametrize("k", [0, 1, 4, 5, 7, 14])
-def test_list_batches_resume_reproduces_the_rest_exactly(k):
-    expected = take(ListBatches(range(13), batch_size=3, collate=list, seed=9), 15)  # 3 epochs x 5 batches
-
-    run = ListBatches(range(13), batch_size=3, collate=list, seed=9)
-    done = take(run, k)  # the state is taken while the last batch is still held: it already counts
-    state = copy.deepcopy(run.state_dict())
-
-    resumed = ListBatches(range(13), batch_size=3, collate=list, seed=0)
-    resumed.load_state_dict(state)  # adopts the saved seed
-    assert done + take(resumed, 15 - k) == expected
-
-
-def test_list_batches_state_checks_and_invalidation():
-    source = ListBatches(range(10), batch_size=3, collate=list)
-    with pytest.raises(ValueError, match="num_items"):
-        ListBatches(range(11), batch_size=3, collate=list).load_state_dict(source.state_dict())
-    with pytest.raises(ValueError, match="batch_size"):
-        ListBatches(range(10), batch_size=2, collate=list).load_state_dict(source.state_dict())
-    with pytest.raises(ValueError, match="out of range"):
-        source.load_state_dict({"epoch": 0, "position": 5})
-    source.load_state_dict({"epoch": 2, "position": 4})  # end of epoch 2 == start of epoch 3
-    assert (source.epoch, source.position) == (3, 0)
-    old = iter(source)
-    next(old)
-    iter(source)
-    with pytest.raises(RuntimeError, match="invalidated"):
-        next(old)
-    with pytest.raises(ValueError, match="at least one item"):
-        ListBatches([], batch_size=1, collate=list)
-    with pytest.raises(ValueError, match="batch_size"):
-        ListBatches(range(3), batch_size=0, collate=list)
-
-
-def test_list_batches_with_collate_sft_feed_training():
-    from gptlab.config import GPTConfig
-    from gptlab.model import GPT
-    from gptlab.train import TrainConfig, lm_loss, train
-
-    items = [([(3 * i + j) % 200 + 1 for j in range(4 + i % 5)], 2) for i in range(12)]
-    collate = partial(collate_sft, pad_id=0, allowed_max_length=32, mask_prompt=True)
-    source = ListBatches(items, batch_size=4, collate=collate, seed=3)
-    x, y = next(iter(ListBatches(items, batch_size=4, collate=collate, seed=3)))
-    assert x.shape == y.shape and x.shape[0] == 4
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("gpt-nano"))
-    cfg = TrainConfig(max_steps=4, lr=1e-3, min_lr=1e-4, eval_interval=0, progress=False, log_interval=2)
-    result = train(model, source, cfg, loss_fn=lm_loss)
-    assert result.step == 4
-    assert torch.isfinite(torch.tensor(result.train_loss))
-    assert source.state_dict()["epoch"] == 1  # 3 batches per epoch, 4 steps

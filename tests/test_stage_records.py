@@ -20,7 +20,7 @@ def _write(tmp_path, records) -> object:
 def test_splits_and_counts_skipped(tmp_path) -> None:
     good = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]
     path = _write(tmp_path, [*good, {"instruction": "x", "input": "", "output": " "}])
-    train, test, val, n, skipped = load_splits(
+    (train, val, test), n, skipped = load_splits(
         path, required=REQUIRED, skip_invalid=True, train_frac=0.85, test_frac=0.1, seed=1
     )
     assert (len(train), len(test), len(val), n, skipped) == (34, 4, 2, 40, 1)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from gptlab.batches import WindowLoader
 from gptlab.checkpoint import Checkpointer
 from gptlab.config import GPTConfig
-from gptlab.data import ShardWriter, TokenStream, WindowLoader
+from gptlab.data import ShardWriter, TokenStream
 from gptlab.model import GPT
 from gptlab.train import (
     NonFiniteLossError,
