@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -25,6 +26,16 @@ from stages import run_context, tracking
 
 TASK_RETRIES = {"download": 2}
 """Stages worth retrying: only the one that talks to the network."""
+CONSOLE: IO[str] | None = None
+"""Where ``./run.sh pipeline`` shows progress (the terminal, while everything else goes to its log file)."""
+
+
+def show(line: str) -> None:
+    """A progress line on the console, cut to the terminal's width."""
+    if CONSOLE is not None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        CONSOLE.write((line if len(line) <= width else line[: width - 1] + "…") + "\n")
+        CONSOLE.flush()
 
 
 def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
@@ -79,6 +90,8 @@ def run_stage(stage: str, root: str, metrics: list[str], force: bool = False) ->
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
         print(line, end="", flush=True)
+        if line.startswith(f"{stage}: "):  # the stage's own messages; DVC's and the libraries' go to the log
+            show("  " + line.rstrip())
     if proc.wait() != 0:
         # The stage's own one-line error says more than DVC's "failed to reproduce" wrapper.
         own = [ln for ln in lines if ln.startswith(f"{stage}: error:")]
@@ -98,6 +111,8 @@ def run_stage(stage: str, root: str, metrics: list[str], force: bool = False) ->
             description=f"{stage}: {'ran' if ran else 'unchanged (DVC cache)'}",
         )
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
+    if not ran:
+        show(f"  {stage}: up to date (DVC cache)")
     return {"stage": stage, "ran": ran, "metrics": values}
 
 
@@ -125,7 +140,8 @@ def pipeline(
         with run_context.execution(tracking.configure(), flow_run_id=flow_id) as parent:
             results: list[dict[str, Any]] = []
             try:
-                for stage in stages:
+                for i, stage in enumerate(stages, start=1):
+                    show(f"[{i}/{len(stages)}] {stage['name']}")
                     runner = run_stage.with_options(
                         retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
                     )

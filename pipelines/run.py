@@ -6,6 +6,10 @@
 Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the run; its database lives in
 ``.prefect/`` so ``PREFECT_HOME=.prefect prefect server start`` shows the runs afterwards. ``--no-prefect`` runs
 plain ``dvc repro`` instead.
+
+The terminal shows the stages' progress and their own messages; everything else (DVC's, Prefect's and MLflow's
+output, a stage's full log) goes to ``logs/pipeline-<run id>.log``, whose path is printed first, and again with a
+failing stage's one-line error.
 """
 
 from __future__ import annotations
@@ -15,8 +19,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def log_to_file(path: Path) -> IO[str]:
+    """Send file descriptors 1 and 2, this process's and every child's (DVC, the stages, Prefect's server), to
+    ``path``; return a stream on the original stdout, for the progress lines."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    return console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             return exc.returncode
         return 0
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
-    from pipelines.flow import pipeline  # after PREFECT_HOME: Prefect reads settings at import
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry errors offline
+    log = Path("logs") / f"pipeline-{run_id}.log"
+    console = log_to_file(ROOT / log)
+    print(f"pipeline {run_id} (full log: {log})", file=console)
+    from pipelines import flow  # after PREFECT_HOME: Prefect reads settings at import
 
+    flow.CONSOLE = console
     try:
-        results = pipeline(
+        results = flow.pipeline(
             root=str(ROOT),
             target=args.target,
             force=args.force,
@@ -75,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             set_params=args.set_param,
         )
     except (RuntimeError, ValueError) as exc:
-        print(f"pipeline: error: {exc}", file=sys.stderr)
+        print(f"pipeline: error: {exc}\n  full log: {log}", file=console)
         return 2
-    print(f"\npipeline summary (run id {run_id}):")
-    for r in results:
-        print(f"  {r['stage']:<12} {'ran' if r['ran'] else 'up to date'}")
-    print(
-        "outputs: models/, metrics/, plots/, outputs/  |  runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
-    )
+    lines = [f"\npipeline summary (run id {run_id}):"]
+    lines += [f"  {r['stage']:<12} {'ran' if r['ran'] else 'up to date'}" for r in results]
+    lines += [
+        "outputs: models/ metrics/ plots/ outputs/",
+        "runs:    mlflow ui --backend-store-uri sqlite:///mlflow.db",
+    ]
+    print("\n".join(lines), file=console)
     return 0
 
 

@@ -236,9 +236,7 @@ def main() -> None:
         )
         print(f"evaluate: {name:<18} ROUGE-L {m['rouge_l_f1']:.3f}  {judged}")
     if metrics["judge_status"] != "ok":
-        print(
-            f"evaluate: no judge scores -- the judge at {metrics['judge_host']} was unreachable; only reference metrics were computed"
-        )
+        print(f"evaluate: no judge at {metrics['judge_host']}: reference metrics only")
 
 
 if __name__ == "__main__":

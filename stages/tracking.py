@@ -12,9 +12,11 @@ group in the UI.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +26,14 @@ from typing import Any
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# A stage's output is its own progress and result lines: no artifact-download bars, no INFO chatter (the
+# stage says "registered <name> version <n>" itself), no advice about pyfunc type hints.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads at import)
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which configures it
 
 from stages import run_context  # noqa: E402
 
