@@ -19,14 +19,14 @@ from __future__ import annotations
 import functools
 import heapq
 import json
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import regex
+
+from gptlab.fileio import atomic_write
 
 __all__ = ["GPT2_SPLIT_PATTERN", "GPT2_EOT", "BPETokenizer", "bytes_to_unicode"]
 
@@ -378,17 +378,7 @@ class BPETokenizer:
             "merges": [list(m) for m in self._merges],
             "vocab": self._vocab,
         }
-        # Temp file in the same directory so os.replace is an atomic rename on the same filesystem.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, ensure_ascii=False), "utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab.config import GPTConfig
-from gptlab.fileio import replace_dir
+from gptlab.fileio import make_temp, replace_dir, sweep_temps
 from gptlab.model import GPT
 
 FORMAT = "gptlab-checkpoint/1"
@@ -49,8 +48,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` as a checkpoint directory, replacing any previous one atomically."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    tmp = make_temp(directory, directory=True)
     try:
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = {
@@ -80,7 +78,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path}: expected a {FORMAT!r} config with a 'model' section")
     try:
         GPTConfig.from_dict(data["model"])
@@ -153,8 +153,7 @@ class Checkpointer:
 
     def save(self, model: GPT, training_state: dict[str, Any]) -> None:
         directory = self.directory
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        tmp = make_temp(directory, directory=True)
         try:
             save_checkpoint(model, tmp / "ckpt", tokenizer=self.tokenizer, meta=self.meta)
             torch.save(training_state, tmp / "ckpt" / TRAINING_STATE)
@@ -164,6 +163,7 @@ class Checkpointer:
 
     def load_state(self) -> dict[str, Any] | None:
         """Training state of the last checkpoint, or None when there is nothing to resume."""
+        sweep_temps(self.directory)  # a run killed mid-swap left its previous checkpoint as `.old`
         path = self.directory / TRAINING_STATE
         if not path.is_file():
             return None

@@ -63,8 +63,12 @@ def parse_labeled_tsv(
     out = []
     for n, fields in _tab_fields(text, quoting, source):
         label, message = fields[0], "\t".join(fields[1:])
-        if len(fields) < 2 or not message.strip():
-            raise ValueError(f"{source}: line {n}: expected 'label<TAB>text'")
+        if len(fields) < 2:
+            raise ValueError(f"{source}: line {n}: expected 'label<TAB>text', found no tab")
+        if not message.strip():
+            raise ValueError(
+                f"{source}: line {n}: empty message after label {label!r}; expected 'label<TAB>text'"
+            )
         if label not in index:
             raise ValueError(
                 f"{source}: line {n}: unknown label {label!r}; expected one of {', '.join(labels)}"

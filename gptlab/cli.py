@@ -56,15 +56,9 @@ def _cmd_import_gpt2(args: argparse.Namespace) -> None:
 def _cmd_import_book(args: argparse.Namespace) -> None:
     from gptlab.book_weights import load_book_model
     from gptlab.checkpoint import save_checkpoint
+    from gptlab.gpt2_weights import read_weights
 
-    try:
-        obj = torch.load(args.src, map_location="cpu", weights_only=True)  # never unpickle code
-    except FileNotFoundError:
-        raise ValueError(f"{args.src}: not found") from None
-    except Exception as exc:  # pickle refusals and corrupt files come in many types; the message matters
-        raise ValueError(
-            f"{args.src}: cannot be read with weights_only=True ({str(exc).splitlines()[0]})"
-        ) from None
+    obj = read_weights(args.src)  # never unpickles code
     model = load_book_model(obj, n_head=args.n_head)
     meta = {"source": str(args.src), "kind": "book-import"}
     if model.config.num_classes is not None:  # a ch. 6 classifier: what `gptlab classify` needs to run it
@@ -120,6 +114,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:  # the server is outside the core library: it needs the `serve` extra
         from serving.app import serve
+        from serving.guard import Limits
         from serving.models import parse_model_arg
     except ImportError as exc:
         raise RuntimeError(
@@ -132,7 +127,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         if name in models:
             raise ValueError(f"--model {name!r} is given twice")
         models[name] = directory
-    serve(models, host=args.host, port=args.port, device=args.device)
+    limits = Limits.from_env(
+        read_timeout=args.read_timeout,
+        max_connections=args.max_connections,
+        allow_hosts=args.allow_host,
+        allow_origins=args.allow_origin,
+    )
+    serve(models, host=args.host, port=args.port, device=args.device, limits=limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=11434, help="default: 11434 (Ollama's); 0: any free port")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a web origin allowed to call the API besides loopback ones, e.g. http://myapp:8080 ('*': any); "
+        "also GPTLAB_ORIGINS=a,b",
+    )
+    s.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a Host name accepted by a loopback-bound server besides localhost/127.0.0.1/::1; also GPTLAB_HOSTS",
+    )
+    s.add_argument(
+        "--read-timeout", type=float, default=None, help="seconds for a request's head, and its body (10)"
+    )
+    s.add_argument("--max-connections", type=int, default=None, help="connections served at once (256)")
     s.set_defaults(func=_cmd_serve)
     return parser
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -89,15 +91,32 @@ def convert_state_dict(
     return out
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """A safetensors file, or a torch file loaded with ``weights_only=True`` (a pickle that would run code is
+    refused); any failure is one :class:`WeightImportError` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightImportError(f"{path}: not found")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing; the refusal below says all that matters.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors/pickle raise many types for a bad file
-        raise WeightImportError(
-            f"{path}: not a readable weights file ({str(exc).splitlines()[0][:120]})"
-        ) from None
+        raise WeightImportError(f"{path}: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for a weights file that would not load; a pickle needing code is named as the refusal it is."""
+    text = " ".join(str(exc).split())
+    if "Weights only load failed" in text:
+        return (
+            "refused: unpickling it would run code (it is loaded with weights_only=True); "
+            "use model.safetensors or a plain tensor state dict"
+        )
+    return f"not a readable weights file ({text.split('. ')[0].rstrip('.')})"
 
 
 def load_hf_gpt2(src: str | Path, *, name: str | None = None) -> GPT:
@@ -114,11 +133,17 @@ def load_hf_gpt2(src: str | Path, *, name: str | None = None) -> GPT:
         hf_cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise WeightImportError(f"{cfg_path}: invalid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise WeightImportError(f"{cfg_path}: not UTF-8 text") from None
+    if not isinstance(hf_cfg, dict):
+        raise WeightImportError(
+            f"{cfg_path}: expected a JSON object (a GPT2Config), got {type(hf_cfg).__name__}"
+        )
     config = config_from_hf(hf_cfg, name=name or src.name, source=str(cfg_path))
     weights = next((src / f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).is_file()), None)
     if weights is None:
         raise WeightImportError(f"{src}: no model.safetensors or pytorch_model.bin")
-    state = convert_state_dict(_read_weights(weights), config, source=str(weights))
+    state = convert_state_dict(read_weights(weights), config, source=str(weights))
     model = GPT(config)
     from gptlab.checkpoint import CheckpointError, load_state
 

@@ -62,7 +62,7 @@ class LoRALinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_hyperparameters(rank, alpha, dropout)
+        check_hyperparameters(rank, alpha, dropout)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
         self.alpha = float(alpha)
@@ -148,7 +148,8 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
-def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
+def check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
+    """ValueError naming the first of rank (> 0 int), alpha (> 0) or dropout ([0, 1)) that is out of range."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0 or math.isinf(alpha):
@@ -178,7 +179,7 @@ def apply_lora(
     silently breaking the tie, so asking for it is an error. A classifier head (``num_classes``) is untied and
     may be targeted.
     """
-    _check_hyperparameters(rank, alpha, dropout)
+    check_hyperparameters(rank, alpha, dropout)
     wanted = (targets,) if isinstance(targets, str) else tuple(targets)
     if not wanted:
         raise ValueError("LoRA targets must name at least one linear layer (e.g. 'c_attn')")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from gptlab.fileio import cache_dir
+from gptlab.fileio import atomic_write, cache_dir
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -174,9 +174,5 @@ def fetch_bpe_file(dest: Path | None = None, *, python: str = sys.executable) ->
         raise TokenizerNotFoundError(
             f"{WHISPER_SDIST}:{WHISPER_MEMBER} has sha256 {digest}, expected {R50K_SHA256}"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=dest.parent, prefix=".r50k.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, dest)
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
     return dest

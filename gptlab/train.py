@@ -132,7 +132,8 @@ class TrainResult:
     tokens_seen: int
     train_loss: float
     val_loss: float | None
-    tokens_per_sec: float
+    tokens_per_sec: float | None
+    """Training throughput of this call (None when it trained no step: a run resumed at its end)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """One row per log/eval event: step, lr, train_loss, val_loss, tokens_seen, ..."""
 
@@ -409,6 +410,6 @@ def train(
         tokens_seen=tokens_seen,
         train_loss=train_loss,
         val_loss=val_loss,
-        tokens_per_sec=(tokens_seen - start_tokens) / total_time,
+        tokens_per_sec=(tokens_seen - start_tokens) / total_time if tokens_seen > start_tokens else None,
         history=history,
     )

@@ -136,7 +136,7 @@ def validate(args: argparse.Namespace, root: Path = ROOT) -> None:
     if args.target is not None:
         from dvc.exceptions import DvcException
 
-        from pipelines.flow import dvc_stages
+        from pipelines.graph import dvc_stages
 
         # From the root: DVC names stages relative to the cwd, and the flow runs from the root.
         try:

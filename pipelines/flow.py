@@ -21,6 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from pipelines import report
+from pipelines.graph import dvc_stages, sweep_work
 from pipelines.profile import activate, apply_overrides
 from stages import run_context, tracking
 
@@ -38,32 +39,6 @@ def show(line: str) -> None:
         CONSOLE.flush()
 
 
-def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
-    """DVC's stages in a deterministic topological order (dependencies first), up to ``target`` if given."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        stages = {s.addressing: s for s in graph.nodes}
-        if target is not None:
-            if target not in stages:
-                raise ValueError(f"unknown stage {target!r}; dvc.yaml has: {', '.join(stages)}")
-            keep = {s.addressing for s in nx.descendants(graph, stages[target])} | {target}
-        else:
-            keep = set(stages)
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
-        return [
-            {
-                "name": s.addressing,
-                "metrics": [o.def_path for o in s.outs if o.metric],
-                "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
-            }
-            for s in order
-            if s.addressing in keep
-        ]
-
-
 def stage_env() -> dict[str, str]:
     """Environment for ``dvc repro``: this interpreter's bin first (stages run ``python -m stages.x``); the
     execution's ids (:mod:`stages.run_context`) are in the environment already."""
@@ -73,8 +48,11 @@ def stage_env() -> dict[str, str]:
 
 
 @task(task_run_name="{stage}")
-def run_stage(stage: str, root: str, metrics: list[str], force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``; returns whether it ran and its metrics."""
+def run_stage(
+    stage: str, root: str, metrics: list[str], force: bool = False, work: list[str] | None = None
+) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``; returns whether it ran and its metrics. On success the stage is up
+    to date, so its ``work`` directories hold nothing left to resume and are removed."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("running %s", " ".join(cmd[2:]))
@@ -95,9 +73,12 @@ def run_stage(stage: str, root: str, metrics: list[str], force: bool = False) ->
     if proc.wait() != 0:
         # The stage's own one-line error says more than DVC's "failed to reproduce" wrapper.
         own = [ln for ln in lines if ln.startswith(f"{stage}: error:")]
-        tail = own[-1] if own else next((ln for ln in reversed(lines) if ln.strip()), "no output")
+        if own:
+            raise RuntimeError(f"stage {stage} failed: {own[-1].strip()}")
+        tail = next((ln for ln in reversed(lines) if ln.strip()), "no output")
         raise RuntimeError(f"stage {stage} failed (dvc exit {proc.returncode}): {tail.strip()}")
     ran = any(f"Running stage '{stage}'" in ln for ln in lines)
+    sweep_work(Path(root), work or [])
     values: dict[str, Any] = {}
     for path in metrics:
         file = Path(root) / path
@@ -145,7 +126,9 @@ def pipeline(
                     runner = run_stage.with_options(
                         retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
                     )
-                    results.append(runner(stage["name"], str(root_path), stage["metrics"], force))
+                    results.append(
+                        runner(stage["name"], str(root_path), stage["metrics"], force, stage["work"])
+                    )
             finally:
                 report_to_parent_run(root_path, parent, stages)
     return results

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 code = subprocess.call(cmd)
                 if code != 0:
                     raise subprocess.CalledProcessError(code, cmd)
+            from pipelines.graph import dvc_stages, sweep_work
+
+            for stage in dvc_stages(ROOT, args.target):  # all up to date now
+                sweep_work(ROOT, stage["work"])
         except (RuntimeError, ValueError) as exc:  # a bad profile/override, an unreachable tracking server
             print(f"pipeline: error: {exc}", file=sys.stderr)
             return 2

@@ -22,12 +22,14 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import ollama_api, openai_api
+from serving.guard import HostOriginGuard, Limits, timed_protocol
 from serving.http import NOTE, endpoint, error_response
 from serving.models import DEFAULT_HOST, DEFAULT_PORT, ServedModel, load_models
 from serving.requests import ApiError
@@ -93,23 +95,39 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
     return error_response(path, ApiError(exc.status_code, f"no such endpoint: {path}"))
 
 
-def create_app(models: Mapping[str, ServedModel], *, log: IO[str] | None = None) -> Starlette:
+def create_app(
+    models: Mapping[str, ServedModel],
+    *,
+    log: IO[str] | None = None,
+    limits: Limits | None = None,
+    bound_host: str = DEFAULT_HOST,
+) -> Starlette:
     """The ASGI app serving ``models`` (canonical ``name:tag`` -> :class:`ServedModel`); ``app.state`` holds
-    ``models``, ``log`` and ``stopping`` (set it to end running generations)."""
+    ``models``, ``log``, ``limits`` and ``stopping`` (set it to end running generations)."""
     log = log or sys.stderr
+    limits = limits or Limits.from_env()
     routes = [
         Route(path, endpoint(handler), methods=list(methods))
         for path, (methods, handler) in {**ollama_api.ROUTES, **openai_api.ROUTES}.items()
     ]
     any_method = ["GET", "HEAD", "POST", "PUT", "DELETE"]
     routes += [Route(path, endpoint(_not_implemented), methods=any_method) for path in STORE_ENDPOINTS]
-    app = Starlette(
-        routes=routes,
-        middleware=[Middleware(RequestLog, log=log)],
-        exception_handlers={HTTPException: _routing_error},
-    )
+    middleware = [
+        Middleware(RequestLog, log=log),
+        Middleware(HostOriginGuard, limits=limits, bound_host=bound_host),
+        # Pages from allowed origins (loopback, --allow-origin) may call the API from a browser.
+        Middleware(
+            CORSMiddleware,
+            allow_origins=limits.allow_origins,
+            allow_origin_regex=r"https?://(localhost|127\.0\.0\.1|\[::1\]|[^/]+\.localhost)(:\d+)?",
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["*"],
+        ),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _routing_error})
     app.state.models = dict(models)
     app.state.log = log
+    app.state.limits = limits
     app.state.stopping = threading.Event()
     return app
 
@@ -139,11 +157,13 @@ class Server:
         port: int = 0,
         *,
         log: IO[str] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         self.models = dict(models)
-        self.app = create_app(self.models, log=log)
+        self.limits = limits or Limits.from_env()
+        self.app = create_app(self.models, log=log, limits=self.limits, bound_host=host)
         self.stopping: threading.Event = self.app.state.stopping
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -155,7 +175,15 @@ class Server:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self.host, self.port = self.socket.getsockname()[:2]
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=30
+            self.app,
+            http=timed_protocol(self.limits.read_timeout),
+            limit_concurrency=self.limits.max_connections,
+            backlog=2048,  # bursts of clients queue in the kernel instead of being reset
+            timeout_keep_alive=5,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=30,
         )
         self._uvicorn = _Uvicorn(config, self.stopping)
         self._thread: threading.Thread | None = None
@@ -194,9 +222,10 @@ def make_server(
     *,
     device: str | torch.device = "cpu",
     log: IO[str] | None = None,
+    limits: Limits | None = None,
 ) -> Server:
     """Load every model (fail fast: one ValueError naming the bad directory) and bind ``host:port``."""
-    return Server(load_models(models, device=device), host, port, log=log)
+    return Server(load_models(models, device=device), host, port, log=log, limits=limits)
 
 
 def serve(
@@ -205,9 +234,10 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     device: str | torch.device = "cpu",
+    limits: Limits | None = None,
 ) -> None:
     """``gptlab serve``: load, print the URL, serve until Ctrl-C."""
-    server = make_server(models, host, port, device=device)
+    server = make_server(models, host, port, device=device, limits=limits)
     first = next(iter(server.models)).removesuffix(":latest")
     shown = server.url.removeprefix("http://")
     # stdout, flushed: a script that asked for --port 0 can read the URL from here.

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -60,10 +61,16 @@ async def json_body(request: Request) -> Any:
             status, "invalid Content-Length" if status == 400 else f"request body over {MAX_BODY_BYTES} bytes"
         )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    timeout = request.app.state.limits.read_timeout
+    try:
+        with anyio.fail_after(timeout):  # a client that sends less than it announced must not hold a request
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        got = f"{len(body)} of {declared} bytes" if declared else f"{len(body)} bytes"
+        raise ApiError(408, f"request body not received within {timeout:g} s ({got})") from None
     if not body:
         raise ApiError(400, "missing request body: expected a JSON object")
     try:

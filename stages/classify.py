@@ -19,6 +19,7 @@ from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.classify import (
     HEAD_INITS,
+    TRAINABLE,
     accuracy,
     balance,
     classification_loss,
@@ -33,7 +34,7 @@ from gptlab.classify import (
     stack_examples,
     to_classifier,
 )
-from gptlab.fileio import write_json
+from gptlab.fileio import read_utf8, write_json
 from gptlab.model import GPT
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
@@ -59,6 +60,12 @@ class LoraParams:
     appendix E ``LoRALayer`` (scaled by alpha alone, A drawn over its (in, rank) layout)."""
     merge: bool = True
     """Merge the adapters into the weights on save (False keeps them separate in the checkpoint)."""
+
+    def __post_init__(self) -> None:
+        lora.check_hyperparameters(self.rank, self.alpha, self.dropout)
+        check_choice("convention", self.convention, lora.CONVENTIONS)
+        if not self.targets:
+            raise ValueError("targets must name at least one linear layer (e.g. c_attn)")
 
 
 @dataclass
@@ -89,6 +96,7 @@ class ClassifyParams:
     def __post_init__(self) -> None:
         check_choice("data_order", self.data_order, ORDERS)
         check_choice("head_init", self.head_init, HEAD_INITS)
+        check_choice("trainable", self.trainable, TRAINABLE)
 
 
 def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int):
@@ -146,7 +154,7 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
     """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written."""
     model = build_model(base, params, device)
     splits, max_length = prepare_splits(
-        data.read_text(encoding="utf-8"), params, source=str(data), context_length=model.config.context_length
+        read_utf8(data), params, source=str(data), context_length=model.config.context_length
     )
     trainable, total = lora.count_parameters(model)
     print(

@@ -81,7 +81,7 @@ def _fetch_source(src: Source, dest: Path, scratch: Path, location: str, **kw) -
     archive = scratch / f"{dest.name}.zip"
     archive.unlink(missing_ok=True)
     fetch(location, archive, sha256=src.sha256, **kw)
-    return extract_member(archive, src.member, dest, sha256=src.member_sha256)
+    return extract_member(archive, src.member, dest, sha256=src.member_sha256, source=location)
 
 
 def download_all(

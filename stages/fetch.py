@@ -27,7 +27,6 @@ import hashlib
 import http.client
 import os
 import re
-import secrets
 import shutil
 import socket
 import stat
@@ -46,7 +45,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from gptlab import __version__
-from gptlab.fileio import cache_dir, sha256_file
+from gptlab.fileio import cache_dir, make_temp, sha256_file
 
 __all__ = [
     "DownloadError",
@@ -161,20 +160,10 @@ def _discard(partial: Path) -> None:
 
 @contextmanager
 def _temp_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """A new hidden temp file in ``path``'s directory, removed unless the caller ``os.replace``-d it away.
-
-    Opened with mode 0o666 (minus umask) like any ordinary file; ``mkstemp``'s 0o600 would leak into ``dest``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    """A new hidden temp file in ``path``'s directory, removed unless the caller ``os.replace``-d it away."""
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             yield f, tmp
     finally:
         tmp.unlink(missing_ok=True)
@@ -536,15 +525,16 @@ def fetch(
 # ------------------------------------------------------------------------------------------------------- zip
 
 
-def _open_zip(zip_path: Path) -> zipfile.ZipFile:
+def _open_zip(zip_path: Path, shown: str | Path | None = None) -> zipfile.ZipFile:
+    shown = zip_path if shown is None else shown
     try:
         return zipfile.ZipFile(zip_path)
     except FileNotFoundError:
-        raise DownloadError(f"cannot open {zip_path}: no such file") from None
+        raise DownloadError(f"cannot open {shown}: no such file") from None
     except zipfile.BadZipFile as exc:
-        raise DownloadError(f"cannot open {zip_path}: not a valid zip file ({_one_line(exc)})") from None
+        raise DownloadError(f"cannot open {shown}: not a valid zip file ({_one_line(exc)})") from None
     except OSError as exc:
-        raise DownloadError(f"cannot open {zip_path}: {_one_line(exc.strerror or exc)}") from exc
+        raise DownloadError(f"cannot open {shown}: {_one_line(exc.strerror or exc)}") from exc
 
 
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
@@ -583,7 +573,7 @@ def _safe_target(info: zipfile.ZipInfo, root: Path) -> Path:
 
 
 def _extract_one(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, zip_path: Path, expected: str | None
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, zip_path: str | Path, expected: str | None
 ) -> str:
     """Stream one member to a temp file beside ``target``, verify, ``os.replace``; returns its sha256."""
     digest = hashlib.sha256()
@@ -650,22 +640,31 @@ def safe_extract_zip(
     return written
 
 
-def extract_member(zip_path: str | Path, member: str, dest: str | Path, *, sha256: str | None = None) -> str:
+def extract_member(
+    zip_path: str | Path,
+    member: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    source: str | None = None,
+) -> str:
     """Extract one member of a zip to ``dest`` atomically; returns the sha256 of its bytes.
 
     With ``sha256``, the extracted bytes are verified before they reach ``dest`` (a mismatch leaves ``dest``
-    as it was) and an existing ``dest`` with that hash is left alone without reading the zip.
+    as it was) and an existing ``dest`` with that hash is left alone without reading the zip. ``source`` is
+    what errors call the archive (the URL or file the user gave) when ``zip_path`` is a scratch copy of it.
     """
     zip_path, dest = Path(zip_path), Path(dest)
-    expected = _normalize_sha(sha256, f"member {member!r} of {zip_path}")
+    shown = source or str(zip_path)
+    expected = _normalize_sha(sha256, f"member {member!r} of {shown}")
     if expected is not None and dest.is_file() and sha256_file(dest) == expected:
         return expected
-    with _open_zip(zip_path) as zf:
+    with _open_zip(zip_path, shown) as zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
-            raise DownloadError(f"{zip_path} has no member {member!r}; members: {_member_list(zf)}") from None
+            raise DownloadError(f"{shown} has no member {member!r}; members: {_member_list(zf)}") from None
         if info.is_dir() or _is_symlink(info):
             kind = "a directory" if info.is_dir() else "a symlink"
-            raise DownloadError(f"member {member!r} of {zip_path} is {kind}, not a file")
-        return _extract_one(zf, info, dest, zip_path, expected)
+            raise DownloadError(f"member {member!r} of {shown} is {kind}, not a file")
+        return _extract_one(zf, info, dest, shown, expected)

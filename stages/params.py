@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gptlab.fileio import read_utf8
+
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
 
@@ -29,7 +31,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: not found (run from the repository root)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

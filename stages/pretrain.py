@@ -90,6 +90,7 @@ def run_fingerprint(params: PretrainParams, manifest: dict) -> str:
 
 def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, callback=None):
     """Train (resuming from ``work`` when it holds this exact run); returns (model, TrainResult)."""
+    model = build_model(params)  # first: a bad architecture param is named before the data is read
     train_stream, val_stream = TokenStream(tokens, "train"), TokenStream(tokens, "val")
     kw = dict(
         context_length=params.context_length,
@@ -101,7 +102,6 @@ def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, call
     # The book's evaluate_model reads the train loader again: a second loader, so training keeps its place.
     train_eval = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
     val_data = WindowLoader(val_stream, shuffle=False, drop_last=False, **kw)
-    model = build_model(params)
     checkpointer = Checkpointer(work, meta={"stage": "pretrain"})
     result = train(
         model,
@@ -146,6 +146,14 @@ def main() -> None:
     device = resolve_device(params.device)
     manifest = json.loads((args.tokens / "manifest.json").read_text())
     work = args.work / run_fingerprint(params, manifest)
+    if args.work.is_dir():  # other params' interrupted runs: this run replaces the pipeline's output anyway
+        for stale in args.work.iterdir():
+            if stale == work:
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink()
     if work.exists():
         print(f"pretrain: resuming from {work}")
 
@@ -163,11 +171,12 @@ def main() -> None:
             "val_perplexity": math.exp(min(result.val_loss, 50.0)),
             "steps": result.step,
             "tokens_seen": result.tokens_seen,
-            "tokens_per_sec": result.tokens_per_sec,
             "num_params": model.num_params(),
         }
-        write_json(args.metrics, metrics)
+        write_json(args.metrics, metrics)  # results only: equal files mean equal runs
         tracking.log_metrics(metrics, prefix="final_")
+        if result.tokens_per_sec is not None:  # timing varies run to run: MLflow only
+            tracking.log_metrics({"tokens_per_sec": result.tokens_per_sec})
         tracking.log_outputs("pretrain")
         tracking.mlflow.log_artifacts(str(args.model), artifact_path="model")
     shutil.rmtree(args.work, ignore_errors=True)  # finished: nothing left to resume

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from gptlab.batches import Splits
+from gptlab.fileio import read_utf8
 from gptlab.instruct import split_records, validate_records
 
 
@@ -23,7 +24,7 @@ def load_splits(
     into train/test/validation (book ch. 7; shuffled first, seeded, unless ``shuffle`` is false); returns
     (splits, valid records, skipped)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON ({exc})") from None
     non_empty = tuple(f for f in required if f != "input")

@@ -16,13 +16,14 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from gptlab.data import ShardWriter
-from gptlab.fileio import atomic_dir, write_json
+from gptlab.fileio import atomic_dir, utf8_error, write_json
 from gptlab.tokenizer import VOCAB_SIZE, encode_array
 from stages import tracking
 from stages.entry import stage_main
@@ -72,10 +73,18 @@ def _safe_cut(text: str) -> int:
 def count_chars(path: Path, block_chars: int = 1 << 20) -> int:
     """Characters in a UTF-8 text file, read in blocks."""
     n = 0
-    with open(path, encoding="utf-8", newline="") as f:
+    with _utf8_errors_located(path), open(path, encoding="utf-8", newline="") as f:
         while block := f.read(block_chars):
             n += len(block)
     return n
+
+
+@contextmanager
+def _utf8_errors_located(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
 
 
 def read_chunks(path: Path, chunk_chars: int, *, start: int = 0, stop: int | None = None) -> Iterator[str]:
@@ -85,7 +94,7 @@ def read_chunks(path: Path, chunk_chars: int, *, start: int = 0, stop: int | Non
         raise ValueError(f"read_chunks: need 0 <= start <= stop, got start={start}, stop={stop}")
     carry = ""
     remaining = stop - start if stop is not None else None
-    with open(path, encoding="utf-8", newline="") as f:
+    with _utf8_errors_located(path), open(path, encoding="utf-8", newline="") as f:
         to_skip = start
         while to_skip > 0 and (skipped := len(f.read(min(to_skip, chunk_chars)))):
             to_skip -= skipped
@@ -103,9 +112,18 @@ def read_chunks(path: Path, chunk_chars: int, *, start: int = 0, stop: int | Non
         yield carry
 
 
-def tokenize_corpus(corpus: Path, out_dir: Path, params: TokenizeParams, *, progress: bool = True) -> dict:
-    """Tokenize ``corpus`` into shards under ``out_dir`` (replaced atomically); returns the manifest."""
+def tokenize_corpus(
+    corpus: Path, out_dir: Path, params: TokenizeParams, *, window: int = 1, progress: bool = True
+) -> dict:
+    """Tokenize ``corpus`` into shards under ``out_dir`` (replaced atomically); returns the manifest.
+
+    Each split must hold at least one training window (``window`` inputs plus the shifted target), so that a
+    corpus too short for pretraining fails here, naming itself, rather than at the next stage; ``out_dir`` is
+    then left as it was.
+    """
     total_bytes = corpus.stat().st_size
+    if total_bytes == 0:
+        raise ValueError(f"{corpus}: empty; expected the UTF-8 text to pretrain on")
     # Process start-up costs about a second: a corpus of one chunk is faster in-process.
     workers = min(params.workers or os.cpu_count() or 1, max(1, total_bytes // params.chunk_chars))
     if params.split_by == "chars":
@@ -120,7 +138,8 @@ def tokenize_corpus(corpus: Path, out_dir: Path, params: TokenizeParams, *, prog
     with (
         atomic_dir(out_dir) as staging,
         ShardWriter(staging, vocab_size=VOCAB_SIZE, tokenizer="gpt2", shard_size=params.shard_size) as writer,
-        tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar,
+        # None = tqdm decides: off when stderr is not a terminal (DVC logs, CI), so errors stay one line.
+        tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=None if progress else True) as bar,
     ):
         pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         part_tokens = []
@@ -141,7 +160,15 @@ def tokenize_corpus(corpus: Path, out_dir: Path, params: TokenizeParams, *, prog
             if params.split_by == "chars"
             else {"val_fraction": params.val_fraction}
         )
-        return writer.finish(**split, extra={"source": corpus.name, "source_bytes": total_bytes})
+        manifest = writer.finish(**split, extra={"source": corpus.name, "source_bytes": total_bytes})
+        for name, (start, stop) in manifest["splits"].items():
+            if stop - start < window + 1:
+                raise ValueError(
+                    f"{corpus}: the {name} split has {stop - start} tokens, fewer than one window of "
+                    f"pretrain.context_length={window} plus its target; use a longer corpus "
+                    f"({manifest['num_tokens']} tokens in all) or adjust tokenize.val_fraction"
+                )
+        return manifest
 
 
 @stage_main("tokenize")
@@ -150,11 +177,14 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="shard directory")
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument(
+        "--window", type=int, default=1, help="tokens per training window each split must hold (+1 target)"
+    )
     args = parser.parse_args()
     params = load_section("tokenize", TokenizeParams)
     with tracking.stage_run("tokenize", params):
         start = time.perf_counter()
-        manifest = tokenize_corpus(args.corpus, args.out, params)
+        manifest = tokenize_corpus(args.corpus, args.out, params, window=args.window)
         elapsed = time.perf_counter() - start
         (train_start, train_stop), (val_start, val_stop) = (
             manifest["splits"]["train"],
@@ -166,10 +196,9 @@ def main() -> None:
             "val_tokens": val_stop - val_start,
             "num_shards": len(manifest["shards"]),
             "chars_per_token": manifest["extra"]["source_bytes"] / max(1, manifest["num_tokens"]),
-            "tokens_per_sec": manifest["num_tokens"] / max(elapsed, 1e-9),
         }
-        write_json(args.metrics, metrics)
-        tracking.log_metrics(metrics)
+        write_json(args.metrics, metrics)  # results only: equal files mean equal runs
+        tracking.log_metrics({**metrics, "tokens_per_sec": manifest["num_tokens"] / max(elapsed, 1e-9)})
         tracking.log_outputs("tokenize")
         tracking.mlflow.log_artifact(str(args.out / "manifest.json"))
     print(

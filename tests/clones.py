@@ -18,6 +18,29 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "tests@gptlab.invalid",
 }
 
+# A few steps per stage: the whole pipeline in about a minute (tests of wiring, not of quality).
+TINY_PARAMS = {
+    "pretrain": {
+        "train": {
+            "max_steps": 4,
+            "warmup_steps": 0,
+            "eval_interval": 2,
+            "checkpoint_interval": 0,
+            "log_interval": 2,
+        },
+        "sample_max_new_tokens": 3,
+    },
+    "base_model": {"eval_batches": 1},
+    # LoRA kept separate exercises the adapter save/load path end to end.
+    "classify": {
+        "trainable": "lora",
+        "lora": {"merge": False},
+        "train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100},
+    },
+    "sft": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}, "max_new_tokens": 2},
+    "dpo": {"train": {"epochs": 1, "eval_interval": 100}, "max_new_tokens": 2},
+}
+
 
 def git(*args: str, cwd: Path) -> str:
     out = subprocess.run(

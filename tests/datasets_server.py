@@ -29,7 +29,8 @@ class ServerState:
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
     # One action per incoming /files request, consumed in order; "serve" once exhausted.
-    # "500": fail; "cut": send cut_after body bytes then drop the connection; "stall": sleep before answering.
+    # "500": fail; "cut": send cut_after body bytes then drop the connection; "stall": sleep before answering;
+    # "hang": send cut_after body bytes, then nothing more for 60 s (a client to be killed mid-transfer).
     script: list[str] = field(default_factory=list)
     cut_after: int = 10_000
     etag: str | None = None
@@ -93,9 +94,11 @@ def _make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             if state.etag:
                 self.send_header("ETag", state.etag)
             self.end_headers()
-            if action == "cut":
+            if action in ("cut", "hang"):
                 self.wfile.write(body[: state.cut_after])
                 self.wfile.flush()
+                if action == "hang":
+                    time.sleep(60)
                 self.close_connection = True
                 return
             self.wfile.write(body)

@@ -136,7 +136,7 @@ def test_import_book_refuses_pickled_code_and_other_files(tmp_path, capsys) -> N
     assert main(["import-book", str(tmp_path / "evil.pth"), str(tmp_path / "ck"), "--n-head", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        f"gptlab import-book: error: {tmp_path / 'evil.pth'}: cannot be read with weights_only=True"
+        f"gptlab import-book: error: {tmp_path / 'evil.pth'}: refused: unpickling it would run code"
     )
     assert "\n" not in err and not (tmp_path / "ck").exists()
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pth")

@@ -25,6 +25,7 @@ from uuid import UUID
 import pytest
 import yaml
 from clones import REPO, clean_env, make_clone, set_params
+from clones import TINY_PARAMS as TINY
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -34,7 +35,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, FlowRun, TaskRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from test_flow import STAGES, TINY
+from test_flow import STAGES
 
 from pipelines import deploy
 

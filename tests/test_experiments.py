@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clones import TINY_PARAMS as TINY
 from clones import clean_env, make_clone, run, set_params
-from test_flow import TINY
 
 pytestmark = pytest.mark.slow
 UPSTREAM = ["download", "tokenize", "pretrain", "base_model"]

@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from clones import make_clone, set_params
+from clones import TINY_PARAMS, make_clone, set_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from pipelines.flow import dvc_stages, pipeline
+from pipelines.flow import pipeline
+from pipelines.graph import dvc_stages
 
 pytestmark = pytest.mark.slow
 STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate"]
-TINY = {
-    "pretrain": {
-        "train": {
-            "max_steps": 4,
-            "warmup_steps": 0,
-            "eval_interval": 2,
-            "checkpoint_interval": 0,
-            "log_interval": 2,
-            "progress": False,
-        },
-        "sample_max_new_tokens": 3,
-    },
-    "base_model": {"eval_batches": 1},
-    # LoRA kept separate exercises the adapter save/load path end to end.
-    "classify": {
-        "trainable": "lora",
-        "lora": {"merge": False},
-        "train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100},
-    },
-    "sft": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}, "max_new_tokens": 2},
-    "dpo": {"train": {"epochs": 1, "eval_interval": 100}, "max_new_tokens": 2},
-}
 
 
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
     root = make_clone(tmp_path / "gptlab")
-    set_params(root, TINY)
+    set_params(root, TINY_PARAMS)
     for var in ("MLFLOW_TRACKING_URI", "GPTLAB_PIPELINE_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(root)
@@ -49,6 +28,7 @@ def test_stage_order_comes_from_dvc(clone) -> None:
     assert [s["name"] for s in dvc_stages(clone)] == STAGES
     assert [s["name"] for s in dvc_stages(clone, "tokenize")] == ["download", "tokenize"]
     assert dvc_stages(clone, "pretrain")[-1]["metrics"] == ["metrics/pretrain.json"]
+    assert [s["work"] for s in dvc_stages(clone, "pretrain")] == [[], [], ["work/pretrain"]]
     with pytest.raises(ValueError, match="unknown stage 'train'.*download, tokenize"):
         dvc_stages(clone, "train")
 
@@ -89,7 +69,7 @@ def test_failing_stage_fails_the_flow_with_its_error(prefect_server, clone) -> N
     state = pipeline(root=str(clone), target="download", return_state=True)
     assert state.is_failed()
     with pytest.raises(
-        RuntimeError, match=r"stage download failed .*download: error: sha256 mismatch for data/sample"
+        RuntimeError, match=r"stage download failed: download: error: sha256 mismatch for data/sample"
     ):
         state.result()
     with get_client(sync_client=True) as client:

@@ -376,7 +376,7 @@ def test_concurrent_requests_match_sequential(env) -> None:
 def test_client_disconnect_mid_stream_keeps_the_server_up(env, client: ollama.Client) -> None:
     body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
     with socket.create_connection(("127.0.0.1", env["port"]), timeout=10) as s:
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
         s.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert s.recv(64).startswith(b"HTTP/1.1 200")
     assert client.generate("tiny", "Hello", options={"num_predict": 2}).eval_count == 2
@@ -390,7 +390,8 @@ def test_a_client_that_disconnects_stops_its_decoding(env) -> None:
         body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(
-                b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
             )
             assert s.recv(15) == b"HTTP/1.1 200 OK"
         time.sleep(0.2)
@@ -411,7 +412,8 @@ def test_stop_ends_generations_and_connections(env) -> None:
     body = json.dumps({"model": "tiny", "prompt": "Go", "options": {"num_predict": -1}}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(
-            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
         )
         assert s.recv(15) == b"HTTP/1.1 200 OK"
         closer = threading.Thread(target=server.stop)

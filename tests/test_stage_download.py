@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import zipfile
@@ -90,6 +91,31 @@ def test_zip_slip_archive_rejected(server, tmp_path) -> None:
         download_all(DownloadParams(sources=sources), tmp_path / "a" / "raw", progress=False)
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path / "a" / "raw").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "member", "expected"),
+    [
+        (b"not a zip at all", "SMSSpamCollection", "not a valid zip file"),
+        (None, "SMSSpamCollection", r"has no member 'SMSSpamCollection'; members: readme\.txt"),
+    ],
+)
+def test_zip_errors_name_the_source_not_a_temp_path(server, tmp_path, content, member, expected) -> None:
+    archive = tmp_path / "served" / "sms.zip"
+    archive.parent.mkdir()
+    if content is None:
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("readme.txt", "hi")
+    else:
+        archive.write_bytes(content)
+    server.root = archive.parent
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    sources = {"sms_spam.tsv": Source(server.url("/files/sms.zip"), sha, member=member)}
+    with pytest.raises(DownloadError, match=expected) as info:
+        download_all(DownloadParams(sources=sources), tmp_path / "raw", progress=False)
+    message = str(info.value)
+    assert server.url("/files/sms.zip") in message and "tmp" not in message.replace(str(tmp_path), "")
+    assert not (tmp_path / "raw").exists()
 
 
 def test_source_needs_a_checksum() -> None:

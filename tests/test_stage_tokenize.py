@@ -65,3 +65,32 @@ def test_read_chunks_of_a_character_range(tmp_path) -> None:
 def test_split_by_is_validated() -> None:
     with pytest.raises(ValueError, match="split_by"):
         TokenizeParams(split_by="words")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_corpus_names_file_and_line(tmp_path: Path, workers: int) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(("Some text.\n" * 3000).encode() + b"caf\xe9 au lait\n" + b"more\n" * 10)
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "old").write_text("kept")
+    params = TokenizeParams(workers=workers, chunk_chars=1024)
+    with pytest.raises(ValueError, match=r"corpus\.txt: line 3001, column 4: byte 0xe9 is not UTF-8"):
+        tokenize_corpus(corpus, tmp_path / "tokens", params, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tokens"]
+    assert [p.name for p in (tmp_path / "tokens").iterdir()] == ["old"]
+
+
+def test_empty_or_too_short_corpus_fails_here(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("")
+    params = TokenizeParams(workers=1)
+    with pytest.raises(ValueError, match=r"corpus\.txt: empty"):
+        tokenize_corpus(corpus, tmp_path / "tokens", params, window=4, progress=False)
+    corpus.write_text("one two three four five six seven eight nine ten eleven twelve thirteen fourteen")
+    with pytest.raises(ValueError, match=r"the val split has 2 tokens, fewer than one window of "):
+        tokenize_corpus(corpus, tmp_path / "tokens", params, window=4, progress=False)
+    assert not (tmp_path / "tokens").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+    manifest = tokenize_corpus(
+        corpus, tmp_path / "tokens", TokenizeParams(workers=1, val_fraction=0.4), window=4
+    )
+    assert manifest["num_tokens"] == 14

@@ -252,6 +252,8 @@ def test_resuming_a_finished_run_reports_its_last_losses(shards, tmp_path) -> No
     train_data, val_data = loaders(shards)
     again = train(make_model(), train_data, cfg(), val_data=val_data, checkpointer=ck)
     assert again.step == done.step and again.val_loss == done.val_loss and again.train_loss == done.train_loss
+    # It trained nothing, so it has no throughput (it used to say 0.0 tokens/s).
+    assert done.tokens_per_sec > 0 and again.tokens_per_sec is None
 
 
 # --- the book's ch. 5 loop (train_model_simple) as options ------------------------------------------------

@@ -1,0 +1,49 @@
+"""DVC's own stage graph, read through DVC's API: the stage order the flow runs, each stage's metrics and figures,
+and its ``--work`` directories (resume state). The pipeline is never described a second time outside dvc.yaml."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
+    """DVC's stages in a deterministic topological order (dependencies first), up to ``target`` if given."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        stages = {s.addressing: s for s in graph.nodes}
+        if target is not None:
+            if target not in stages:
+                raise ValueError(f"unknown stage {target!r}; dvc.yaml has: {', '.join(stages)}")
+            keep = {s.addressing for s in nx.descendants(graph, stages[target])} | {target}
+        else:
+            keep = set(stages)
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
+        return [
+            {
+                "name": s.addressing,
+                "metrics": [o.def_path for o in s.outs if o.metric],
+                "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
+                "work": work_dirs(s.cmd),
+            }
+            for s in order
+            if s.addressing in keep
+        ]
+
+
+def work_dirs(cmd: str | list[str]) -> list[str]:
+    """The ``--work DIR`` arguments of a stage's command: resume state that only an unfinished run needs."""
+    words = [w for c in ([cmd] if isinstance(cmd, str) else cmd) for w in shlex.split(c)]
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--work"]
+
+
+def sweep_work(root: Path, work: list[str]) -> None:
+    """Remove an up-to-date stage's work directories: left by a run that was killed and then never resumed,
+    because DVC restored the outputs from its run cache instead (or the params changed back)."""
+    for directory in work:
+        shutil.rmtree(root / directory, ignore_errors=True)
