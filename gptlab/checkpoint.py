@@ -2,9 +2,15 @@
 
 Layout (one directory per checkpoint, as Hugging Face and litgpt do)::
 
-    model.safetensors     weights, GPT-2 parameter names; a tied head is stored once (as the embedding)
-    config.json           {"format", "model": GPTConfig fields, "tokenizer", "vocab_size", "meta": {...}}
+    model.safetensors     weights (GPT-2 or Hugging Face parameter names); a tied head is stored once
+    config.json           {"format", "architecture": "gpt" | "decoder", "model": its config's fields,
+                           "tokenizer": "gpt2" | "hf", "vocab_size", "meta": {...}}
+    tokenizer.json …      the model's own tokenizer and chat template (``"tokenizer": "hf"``; see
+                          :mod:`gptlab.hf_tokenizer`); GPT-2 models use tiktoken's and store none
     training_state.pt     optimizer, step, RNG states, data position (only for training checkpoints)
+
+Loading builds the model on the meta device and assigns the tensors read from the file, so the weights are in
+memory once.
 
 Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written
 checkpoint where a reader would find it.
@@ -12,6 +18,7 @@ checkpoint where a reader would find it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -22,8 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab.config import GPTConfig
+from gptlab.decoder import Decoder, DecoderConfig
 from gptlab.fileio import make_temp, replace_dir, sweep_temps
 from gptlab.model import GPT
+
+ARCHITECTURES: dict[str, tuple[type, type]] = {"gpt": (GPTConfig, GPT), "decoder": (DecoderConfig, Decoder)}
+"""``config.json``'s ``architecture`` -> (config class, model class); absent means ``gpt``."""
 
 FORMAT = "gptlab-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -35,7 +46,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names the file and the problem."""
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
+def model_state(model: GPT | Decoder) -> dict[str, torch.Tensor]:
     """State dict without the duplicate tied head, contiguous and on CPU (safetensors needs both)."""
     state = model.state_dict()
     if model.config.tied:
@@ -43,18 +54,37 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def architecture(model: torch.nn.Module) -> str:
+    for name, (_, cls) in ARCHITECTURES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"not a gptlab model: {type(model).__name__}")
+
+
 def save_checkpoint(
-    model: GPT, directory: str | Path, *, tokenizer: str = "gpt2", meta: dict[str, Any] | None = None
+    model: GPT | Decoder,
+    directory: str | Path,
+    *,
+    tokenizer: Any = "gpt2",
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` as a checkpoint directory, replacing any previous one atomically."""
+    """Write ``model`` as a checkpoint directory, replacing any previous one atomically.
+
+    ``tokenizer``: ``"gpt2"`` (tiktoken's, nothing stored) or a tokenizer object with ``save(directory)``
+    (:class:`gptlab.hf_tokenizer.HFTokenizer`), whose files are stored beside the weights.
+    """
     directory = Path(directory)
     tmp = make_temp(directory, directory=True)
     try:
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+        if kind == "hf":
+            tokenizer.save(tmp)
         config = {
             "format": FORMAT,
+            "architecture": architecture(model),
             "model": model.config.to_dict(),
-            "tokenizer": tokenizer,
+            "tokenizer": kind,
             "vocab_size": model.config.vocab_size,
             "meta": meta or {},
         }
@@ -82,28 +112,39 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path}: expected a {FORMAT!r} config with a 'model' section")
+    arch = data.get("architecture", "gpt")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     try:
-        GPTConfig.from_dict(data["model"])
+        ARCHITECTURES[arch][0].from_dict(data["model"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return data
 
 
+def model_from_config(data: dict[str, Any], *, device: torch.device | str | None = None) -> GPT | Decoder:
+    """An (initialised) model for a checkpoint's parsed ``config.json``; ``device="meta"`` allocates nothing."""
+    config_cls, model_cls = ARCHITECTURES[data.get("architecture", "gpt")]
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return model_cls(config_cls.from_dict(data["model"]))
+
+
 def load_checkpoint(
     directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> tuple[GPT, dict[str, Any]]:
+) -> tuple[GPT | Decoder, dict[str, Any]]:
     """Build the model from ``config.json`` and load ``model.safetensors``; returns (model, config dict)."""
     directory = Path(directory)
     data = read_config(directory)
-    model = GPT(GPTConfig.from_dict(data["model"]))
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found")
+    model = model_from_config(data, device="meta")
     lora_cfg = data.get("meta", {}).get("lora")
     if lora_cfg and not data["meta"].get("lora_merged", False):
         from gptlab.lora import apply_lora  # adapters kept separate: rebuild the LoRA layers first
 
-        apply_lora(model, **lora_cfg)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: not found")
+        with torch.device("meta"):
+            apply_lora(model, **lora_cfg)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -136,7 +177,11 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> No
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config expects {want}"
             )
-    model.load_state_dict(state, strict=not model.config.tied)
+    on_meta = next(iter(expected.values())).is_meta
+    # A model built on the meta device takes the tensors as they are (no second copy of the weights).
+    model.load_state_dict(state, strict=not model.config.tied, assign=on_meta)
+    if on_meta:
+        model.finish_loading()
 
 
 class Checkpointer:
@@ -175,3 +220,18 @@ class Checkpointer:
     def load_weights(self, model: GPT) -> None:
         state = load_file(str(self.directory / WEIGHTS))
         load_state(model, state, source=str(self.directory / WEIGHTS))
+
+
+def load_tokenizer(checkpoint: str | Path):
+    """The tokenizer a gptlab checkpoint records: GPT-2's (tiktoken) or the model's own (its files beside the
+    weights)."""
+    kind = read_config(checkpoint).get("tokenizer", "gpt2")
+    if kind == "gpt2":
+        from gptlab.tokenizer import GPT2Tokenizer
+
+        return GPT2Tokenizer()
+    if kind == "hf":
+        from gptlab.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dir(checkpoint)
+    raise ValueError(f"{Path(checkpoint) / 'config.json'}: unknown tokenizer {kind!r} (expected gpt2 or hf)")

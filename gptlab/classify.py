@@ -137,18 +137,20 @@ def to_classifier(model: GPT, num_classes: int, *, head_init: str = "gpt2") -> G
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     config = model.config.replace(num_classes=num_classes)
     device = next(model.parameters()).device
+    cls = type(model)  # GPT or Decoder
     if head_init == "gpt2":
-        clf = GPT(config)
+        clf = cls(config)
         missing, unexpected = clf.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("lm_head.") for k in missing), (missing, unexpected)
         return clf.to(device)
     with torch.device("meta"):  # the body comes from ``model``: draw nothing for it
-        clf = GPT(config)
+        clf = cls(config)
     clf.lm_head = nn.Linear(config.n_embd, num_classes, device=device)  # the book's new out_head
     missing, unexpected = clf.load_state_dict(
         {k: v.clone() for k, v in state.items()}, strict=False, assign=True
     )
     assert not unexpected and all(k.startswith("lm_head.") for k in missing), (missing, unexpected)
+    clf.finish_loading()
     return clf.to(device)
 
 
@@ -163,7 +165,7 @@ def set_trainable(model: GPT, mode: str) -> None:
         p.requires_grad = mode == "all"
     parts: list[nn.Module] = [model.lm_head]
     if mode == "last_block":
-        parts += [model.transformer.h[-1], model.transformer.ln_f]
+        parts += [model.blocks[-1], model.final_norm]
     for part in parts:
         for p in part.parameters():
             p.requires_grad = True

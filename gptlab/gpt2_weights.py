@@ -10,7 +10,6 @@ token embedding as in GPT-2.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -20,8 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptlab.config import GPTConfig
-from gptlab.fileio import cache_dir as gptlab_cache
-from gptlab.fileio import sha256_file
+from gptlab.fileio import read_json_object
 from gptlab.model import GPT
 
 HF_REPOS = {
@@ -127,18 +125,7 @@ def load_hf_gpt2(src: str | Path, *, name: str | None = None) -> GPT:
             f"{src}: expected a directory with config.json and model.safetensors/pytorch_model.bin"
         )
     cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise WeightImportError(f"{cfg_path}: not found")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WeightImportError(f"{cfg_path}: invalid JSON ({exc})") from None
-    except UnicodeDecodeError:
-        raise WeightImportError(f"{cfg_path}: not UTF-8 text") from None
-    if not isinstance(hf_cfg, dict):
-        raise WeightImportError(
-            f"{cfg_path}: expected a JSON object (a GPT2Config), got {type(hf_cfg).__name__}"
-        )
+    hf_cfg = read_json_object(cfg_path, error=WeightImportError, what="a GPT2Config")
     config = config_from_hf(hf_cfg, name=name or src.name, source=str(cfg_path))
     weights = next((src / f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).is_file()), None)
     if weights is None:
@@ -162,50 +149,25 @@ def download_gpt2(
     revision: str = "main",
     progress: bool = True,
 ) -> Path:
-    """Download ``config.json`` + ``model.safetensors`` of a GPT-2 size from the hub; returns their directory.
-
-    Through ``huggingface_hub`` (its cache layout under ``cache_dir``, ``$GPTLAB_CACHE/hf`` by default; resumed
-    after an interruption; ``revision`` a branch, tag or commit). The hub publishes an LFS file's sha256 as its
-    ETag; the weights are checked against it and a mismatch removes them. ``endpoint`` defaults to
-    ``$HF_ENDPOINT`` or huggingface.co. Offline this fails with one line naming the URL; pass a local directory
-    to :func:`load_hf_gpt2` instead.
-    """
-    from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    """Download ``config.json`` + ``model.safetensors`` of a GPT-2 size from the hub, sha256-verified
+    (:mod:`gptlab.hub`); returns their directory. Offline this fails with one line naming the URL; pass a local
+    directory to :func:`load_hf_gpt2` instead."""
+    from gptlab.hub import HubError, download_files
 
     repo = HF_REPOS.get(model_name, model_name)
     if "/" not in repo:
         raise WeightImportError(f"unknown GPT-2 model {model_name!r}; choose one of: {', '.join(HF_REPOS)}")
-    cache = Path(cache_dir or gptlab_cache() / "hf")
-    paths = {}
-    quiet = not progress and not are_progress_bars_disabled()
-    if quiet:
-        disable_progress_bars()
     try:
-        for filename in ("config.json", "model.safetensors"):
-            url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-            try:
-                path = Path(
-                    hf_hub_download(repo, filename, revision=revision, cache_dir=cache, endpoint=endpoint)
-                )
-            except Exception as exc:  # huggingface_hub raises many types (HTTP, connection, offline cache)
-                reason = " ".join(str(exc).split())[:200]
-                raise WeightImportError(
-                    f"cannot download {url}: {reason} (offline? pass a local Hugging Face GPT-2 directory instead)"
-                ) from None
-            # The cache stores each file as blobs/<ETag>; an LFS file's ETag is its sha256.
-            blob = path.resolve()
-            if _SHA256.fullmatch(blob.name) and (got := sha256_file(blob)) != blob.name:
-                path.unlink(missing_ok=True)
-                blob.unlink(missing_ok=True)
-                raise WeightImportError(
-                    f"sha256 mismatch for {url}: the hub says {blob.name}, the download is {got}"
-                )
-            paths[filename] = path
-    finally:
-        if quiet:
-            enable_progress_bars()
-    return paths["model.safetensors"].parent
+        return download_files(
+            repo,
+            ["config.json", "model.safetensors"],
+            revision=revision,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            progress=progress,
+        )
+    except HubError as exc:
+        raise WeightImportError(str(exc)) from None
 
 
 def resolve_source(src: str | Path, *, endpoint: str | None = None, progress: bool = True) -> Path:

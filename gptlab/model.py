@@ -20,23 +20,22 @@ from gptlab.config import GPTConfig
 
 
 class KVCache:
-    """Preallocated keys/values for every layer; ``length`` is how many positions are filled."""
+    """Preallocated keys/values for every layer, (B, n_kv_head, max_length, head_size) each; ``length`` is how
+    many positions are filled. Models make theirs with ``model.new_cache(batch_size)``."""
 
     def __init__(
         self,
-        config: GPTConfig,
+        n_layer: int,
         batch_size: int,
+        n_kv_head: int,
+        head_size: int,
+        max_length: int,
         *,
-        max_length: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_length = max_length or config.context_length
-        if self.max_length > config.context_length:
-            raise ValueError(
-                f"KVCache max_length {self.max_length} exceeds context_length {config.context_length}"
-            )
-        shape = (config.n_layer, batch_size, config.n_head, self.max_length, config.head_size)
+        self.max_length = max_length
+        shape = (n_layer, batch_size, n_kv_head, max_length, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -117,6 +116,15 @@ INIT_SCHEMES = ("gpt2", "torch_default")
 """How :class:`GPT` draws its initial weights (see its docstring)."""
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every ``nn.Dropout`` and every attention's SDPA dropout rate (a float ``dropout`` attribute) to ``p``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif type(getattr(module, "dropout", None)) in (int, float):
+            module.dropout = p
+
+
 class GPT(nn.Module):
     """GPT-2 language model (or sequence classifier when ``config.num_classes`` is set).
 
@@ -194,11 +202,7 @@ class GPT(nn.Module):
 
     def set_dropout(self, p: float) -> GPT:
         """Change every dropout rate in place (DPO compares policy and reference log-probs: both must be exact)."""
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = p
-            elif isinstance(module, CausalSelfAttention):
-                module.dropout = p
+        set_dropout(self, p)
         self.config = self.config.replace(dropout=p)
         return self
 
@@ -217,6 +221,28 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.context_length
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+
+    def finish_loading(self) -> None:
+        """After weights were assigned into a model built on the meta device: tie the head again."""
+        if self.config.tied:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.transformer.ln_f
+
+    def new_cache(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> KVCache:
+        """An empty key/value cache for ``batch_size`` sequences of up to ``context_length`` tokens."""
+        cfg = self.config
+        return KVCache(
+            cfg.n_layer, batch_size, cfg.n_head, cfg.head_size, cfg.context_length, device=device, dtype=dtype
+        )
 
     def forward(
         self,

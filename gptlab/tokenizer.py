@@ -19,7 +19,6 @@ import base64
 import functools
 import hashlib
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from gptlab.fileio import atomic_write, cache_dir
+from gptlab.fileio import atomic_write, cache_dir, pip_download
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -144,30 +143,11 @@ def fetch_bpe_file(dest: Path | None = None, *, python: str = sys.executable) ->
     if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == R50K_SHA256:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            python,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            WHISPER_SDIST,
-            "-d",
-            tmp,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TokenizerNotFoundError(f"pip download {WHISPER_SDIST} failed: {last}")
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if not sdists:
-            raise TokenizerNotFoundError(f"pip download {WHISPER_SDIST} produced no sdist in {tmp}")
-        with tarfile.open(sdists[0]) as tar:
+        sdist = pip_download(WHISPER_SDIST, tmp, kind="sdist", error=TokenizerNotFoundError, python=python)
+        with tarfile.open(sdist) as tar:
             member = next((m for m in tar.getmembers() if m.name.endswith(WHISPER_MEMBER)), None)
             if member is None or not member.isfile():
-                raise TokenizerNotFoundError(f"{sdists[0].name}: has no {WHISPER_MEMBER}")
+                raise TokenizerNotFoundError(f"{sdist.name}: has no {WHISPER_MEMBER}")
             data = tar.extractfile(member).read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != R50K_SHA256:
@@ -176,3 +156,29 @@ def fetch_bpe_file(dest: Path | None = None, *, python: str = sys.executable) ->
         )
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
     return dest
+
+
+class GPT2Tokenizer:
+    """GPT-2's tokenizer with the interface every model's tokenizer has (see :class:`gptlab.hf_tokenizer.HFTokenizer`):
+    ``<|endoftext|>`` ends text and pads; no BOS, no chat template (GPT-2 models use the book's Alpaca prompts)."""
+
+    name = "gpt2"
+    bos_id: int | None = None
+    eos_id: int = EOT_ID
+    pad_id: int = EOT_ID
+    stop_ids: tuple[int, ...] = (EOT_ID,)
+    chat_template: str | None = None
+    vocab_size: int = VOCAB_SIZE
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return encode(text)  # GPT-2 adds no special tokens
+
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+        ids = list(ids)
+        return decode([i for i in ids if i != EOT_ID] if skip_special_tokens else ids)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
+        raise ValueError("GPT-2 models have no chat template (use the Alpaca prompt style)")
+
+    def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
+        raise ValueError("GPT-2 models have no chat template (use the Alpaca prompt style)")

@@ -14,7 +14,6 @@ over-subscribing the CPU's threads with parallel matmuls, and the event loop nev
 
 from __future__ import annotations
 
-import codecs
 import secrets
 import threading
 import time
@@ -22,11 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 
 import anyio
-import tiktoken
 import torch
 
 from gptlab.generate import SamplingConfig, stream
-from gptlab.tokenizer import EOT_ID, get_encoding
 from serving.models import ServedModel
 
 
@@ -49,13 +46,13 @@ class DecodeOptions:
 
 
 class TextFilter:
-    """Token ids in, text pieces out: incremental UTF-8 decoding, stop strings, an optional prefix to drop.
+    """Token ids in, text pieces out: incremental decoding, stop strings, an optional prefix to drop.
 
-    ``push`` returns ``(piece, stopped)``. A piece never contains the bytes of an incomplete UTF-8 sequence
-    (the incremental decoder holds them back) nor a tail that could still become a stop string; once a stop
-    string appears, everything from it on is dropped. ``finish`` flushes what was held back at the end.
-    Decoding uses ``errors="replace"`` like ``tiktoken.Encoding.decode``, so the pieces concatenate to
-    ``decode(ids)`` (cut at the first stop string).
+    ``push`` returns ``(piece, stopped)``. A piece never contains the start of an incomplete UTF-8 sequence
+    (decoded text that ends in U+FFFD waits for the next token) nor a tail that could still become a stop
+    string; once a stop string appears, everything from it on is dropped. ``finish`` flushes what was held
+    back at the end. The pieces concatenate to ``decode(ids)`` (cut at the first stop string), for any
+    tokenizer: each step decodes all ids so far and emits what is new.
 
     ``header`` (the Alpaca ``### Response:``) is dropped when the text starts with it, before stop strings
     are looked for; ``strip_leading`` drops leading whitespace from the output, after they are looked for,
@@ -64,14 +61,15 @@ class TextFilter:
 
     def __init__(
         self,
-        enc: tiktoken.Encoding,
+        decode: Callable[[list[int]], str],
         stops: Sequence[str] = (),
         *,
         strip_leading: bool = False,
         header: str | None = None,
     ) -> None:
-        self._token_bytes = enc.decode_single_token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decode = decode
+        self._ids: list[int] = []
+        self._decoded = 0  # characters of decode(ids) already passed on
         self._stops = tuple(s for s in stops if s)
         self._strip_leading = strip_leading
         self._header = header
@@ -82,10 +80,16 @@ class TextFilter:
         self._started = not strip_leading  # whether non-whitespace output has been emitted
 
     def push(self, token: int) -> tuple[str, bool]:
-        return self._feed(self._utf8.decode(self._token_bytes(token)), final=False)
+        self._ids.append(token)
+        text = self._decode(self._ids)
+        stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD for now
+        new, self._decoded = text[self._decoded : stable], max(self._decoded, stable)
+        return self._feed(new, final=False)
 
     def finish(self) -> tuple[str, bool]:
-        return self._feed(self._utf8.decode(b"", final=True), final=True)
+        text = self._decode(self._ids)
+        new, self._decoded = text[self._decoded :], len(text)
+        return self._feed(new, final=True)
 
     def _feed(self, new: str, *, final: bool) -> tuple[str, bool]:
         if self._pending is not None:
@@ -149,13 +153,16 @@ class Generation:
         self.served = served
         self.stopping = stopping
         # stream() keeps the last `ctx` tokens of a longer prompt; count what the model really sees.
-        self.prompt_ids = list(prompt_ids)[-ctx:] or [EOT_ID]  # GPT-2 starts unconditional text after EOT
+        tokenizer = served.tokenizer
+        # Unconditional text starts after a BOS (GPT-2: after <|endoftext|>).
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        self.prompt_ids = list(prompt_ids)[-ctx:] or [start]
         self.options = options
         if options.num_predict < 0:
             self.max_new_tokens = max(ctx - len(self.prompt_ids), 0)
         else:
             self.max_new_tokens = options.num_predict
-        self.filter = TextFilter(get_encoding(), stops, strip_leading=strip_leading, header=header)
+        self.filter = TextFilter(tokenizer.decode, stops, strip_leading=strip_leading, header=header)
         self.output_ids: list[int] = []
         self.eval_count = 0
         self.done_reason = "length"
@@ -177,7 +184,7 @@ class Generation:
             [self.prompt_ids],
             max_new_tokens=self.max_new_tokens,
             sampling=opts.sampling,
-            eos_id=EOT_ID,
+            eos_id=served.stop_ids,
             generator=generator,
         )
         try:
@@ -196,7 +203,7 @@ class Generation:
                     break
                 token = int(nxt[0])
                 self.eval_count += 1
-                if token == EOT_ID:
+                if token in served.stop_ids:
                     self.done_reason = "stop"
                     break
                 self.output_ids.append(token)

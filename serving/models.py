@@ -7,6 +7,9 @@ Prompt rendering (what Ollama does with a model's TEMPLATE):
   separated by a blank line); ``/api/chat`` writes one ``role: content`` line per message and ends with
   ``assistant:``, and stops by default where the model starts a new ``\\nuser:``/``\\nassistant:``/``\\nsystem:``
   line.
+- checkpoints with a chat template (Llama / Qwen3 / Gemma 3 / SmolLM2 instruction models, and SFT/DPO models
+  trained with ``prompt_style: chat``): the model's own template renders the conversation (``/api/generate``:
+  the system and the prompt as one turn), and generation stops at its end-of-turn token.
 - checkpoints whose ``meta.prompt_format`` is ``"alpaca"`` (the SFT and DPO stages): the book's Alpaca prompt
   (:func:`gptlab.instruct.format_input`) followed by ``### Response:``. For chat, the last user message is the
   instruction, system messages are prepended to it (blank-line separated, since the Alpaca preamble the model
@@ -31,11 +34,11 @@ from typing import Any
 import torch
 
 from gptlab import __version__
-from gptlab.checkpoint import WEIGHTS, CheckpointError, load_checkpoint
+from gptlab.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, load_tokenizer
 from gptlab.fileio import sha256_file
 from gptlab.instruct import format_input, format_response
 from gptlab.model import GPT
-from gptlab.tokenizer import VOCAB_SIZE, get_encoding
+from gptlab.prompts import turn_end_id
 
 VERSION = f"gptlab-{__version__}"
 DEFAULT_HOST = "127.0.0.1"
@@ -46,7 +49,7 @@ OPENAI_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # OpenAI's (no
 ALPACA_HEADER = format_response("").strip()  # "### Response:"
 ALPACA_STOPS = ("### Instruction:", "### Input:", "### Response:")
 PLAIN_CHAT_STOPS = ("\nuser:", "\nassistant:", "\nsystem:")
-PROMPT_FORMATS = (None, "alpaca")
+PROMPT_FORMATS = (None, "alpaca", "chat")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -101,6 +104,8 @@ class ServedModel:
     digest: str
     """sha256 of ``model.safetensors`` (hex), as Ollama reports a model's digest."""
     modified_at: float
+    tokenizer: Any = None
+    """The checkpoint's tokenizer (GPT-2's or the model's own, with its chat template)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -109,7 +114,25 @@ class ServedModel:
 
     @property
     def prompt_format(self) -> str | None:
-        return self.meta.get("prompt_format")
+        """``alpaca``, ``chat`` (the model's template; the default when it has one) or None (plain text)."""
+        fmt = self.meta.get("prompt_format")
+        if fmt is None and self.tokenizer.chat_template:
+            return "chat"
+        return fmt
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: the template's end of turn (chat), the tokenizer's EOS and stop tokens."""
+        first = [turn_end_id(self.tokenizer)] if self.prompt_format == "chat" else []
+        return tuple(dict.fromkeys([*first, *self.tokenizer.stop_ids]))
+
+    def encode(self, text: str, *, templated: bool = False) -> list[int]:
+        """Token ids of a prompt; a rendered chat template already holds its special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=not templated)
+
+    @property
+    def family(self) -> str:
+        return self.config.get("model", {}).get("family", "gpt2")
 
     @property
     def device(self) -> torch.device:
@@ -119,8 +142,8 @@ class ServedModel:
         return {
             "parent_model": "",
             "format": "safetensors",
-            "family": "gpt2",
-            "families": ["gpt2"],
+            "family": self.family,
+            "families": [self.family],
             "parameter_size": _human_count(self.model.num_params()),
             "quantization_level": _DTYPE_NAMES.get(next(self.model.parameters()).dtype, "F32"),
         }
@@ -140,11 +163,14 @@ class ServedModel:
         if self.prompt_format == "alpaca":
             instruction = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
             return format_input({"instruction": instruction, "input": ""}) + format_response("")
+        if self.prompt_format == "chat":
+            return self.tokenizer.chat_template  # Jinja, as the model ships it (not a Go template)
         return "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
 
     def parameters(self) -> str:
         stops = ALPACA_STOPS if self.prompt_format == "alpaca" else ()
-        lines = [f"{'stop':<15}{json.dumps(s)}" for s in ("<|endoftext|>", *stops)]
+        specials = [self.tokenizer.decode([i], skip_special_tokens=False) for i in self.stop_ids]
+        lines = [f"{'stop':<15}{json.dumps(s)}" for s in (*specials, *stops)]
         lines += [f"{k:<15}{v}" for k, v in OLLAMA_SAMPLING.items()]
         lines.append(f"{'num_predict':<15}{DEFAULT_NUM_PREDICT}")
         lines.append(f"{'num_ctx':<15}{self.model.config.context_length}")
@@ -161,22 +187,29 @@ class ServedModel:
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.model.config
+        arch = self.family
         info: dict[str, Any] = {
             # GGUF key names, which the ollama CLI's `show` reads (<architecture>.context_length, ...).
-            "general.architecture": "gpt2",
+            "general.architecture": arch,
             "general.name": cfg.name,
             "general.parameter_count": self.model.num_params(),
-            "gpt2.context_length": cfg.context_length,
-            "gpt2.embedding_length": cfg.n_embd,
-            "gpt2.feed_forward_length": 4 * cfg.n_embd,
-            "gpt2.block_count": cfg.n_layer,
-            "gpt2.attention.head_count": cfg.n_head,
-            "gpt2.attention.layer_norm_epsilon": cfg.layer_norm_eps,
-            "gpt2.vocab_size": cfg.vocab_size,
+            f"{arch}.context_length": cfg.context_length,
+            f"{arch}.embedding_length": cfg.n_embd,
+            f"{arch}.block_count": cfg.n_layer,
+            f"{arch}.attention.head_count": cfg.n_head,
+            f"{arch}.vocab_size": cfg.vocab_size,
             "tokenizer.ggml.model": "gpt2",
             "gptlab.checkpoint": str(self.path.resolve()),
             "gptlab.prompt_format": self.prompt_format or "raw",
         }
+        if arch == "gpt2":
+            info["gpt2.feed_forward_length"] = 4 * cfg.n_embd
+            info["gpt2.attention.layer_norm_epsilon"] = cfg.layer_norm_eps
+        else:
+            info[f"{arch}.feed_forward_length"] = cfg.intermediate_size
+            info[f"{arch}.attention.head_count_kv"] = cfg.n_kv_head
+            info[f"{arch}.attention.layer_norm_rms_epsilon"] = cfg.rms_norm_eps
+            info[f"{arch}.rope.freq_base"] = cfg.rope_theta
         for key, value in self.meta.items():
             if isinstance(value, str | int | float | bool):
                 info[f"gptlab.meta.{key}"] = value
@@ -192,11 +225,10 @@ def load_model(name: str, directory: str | Path, *, device: str | torch.device =
         raise ValueError(f"model {name!r}: {exc}") from None
     if model.config.num_classes is not None:
         raise ValueError(f"model {name!r}: {directory} is a classifier checkpoint; it cannot generate text")
-    if config.get("tokenizer", "gpt2") != "gpt2" or model.config.vocab_size != VOCAB_SIZE:
-        raise ValueError(
-            f"model {name!r}: {directory} uses tokenizer {config.get('tokenizer')!r} with "
-            f"{model.config.vocab_size} tokens; gptlab serve needs GPT-2's ({VOCAB_SIZE})"
-        )
+    try:
+        tokenizer = load_tokenizer(directory)
+    except (ValueError, RuntimeError) as exc:  # a missing GPT-2 BPE file, unreadable tokenizer files
+        raise ValueError(f"model {name!r}: {exc}") from None
     prompt_format = (config.get("meta") or {}).get("prompt_format")
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"model {name!r}: {directory} has unknown meta.prompt_format {prompt_format!r}")
@@ -210,6 +242,7 @@ def load_model(name: str, directory: str | Path, *, device: str | torch.device =
         size=stat.st_size,
         digest=sha256_file(weights),
         modified_at=stat.st_mtime,
+        tokenizer=tokenizer,
     )
 
 
@@ -217,23 +250,35 @@ def load_model(name: str, directory: str | Path, *, device: str | torch.device =
 
 
 def render_generate_prompt(
-    prompt: str, *, system: str | None = None, raw: bool = False, prompt_format: str | None = None
+    prompt: str,
+    *,
+    system: str | None = None,
+    raw: bool = False,
+    prompt_format: str | None = None,
+    tokenizer: Any = None,
 ) -> str:
     """The text ``/api/generate`` feeds the model (module docstring: "Prompt rendering")."""
     if raw:  # Ollama: raw skips the template, system prompt included
         return prompt
+    if prompt_format == "chat":
+        messages = [{"role": "system", "content": system}] if system else []
+        return tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])
     if prompt_format == "alpaca":
         instruction = f"{system}\n\n{prompt}" if system else prompt
         return format_input({"instruction": instruction, "input": ""}) + format_response("")
     return f"{system}\n\n{prompt}" if system else prompt
 
 
-def render_chat_prompt(messages: Sequence[Mapping[str, str]], *, prompt_format: str | None = None) -> str:
+def render_chat_prompt(
+    messages: Sequence[Mapping[str, str]], *, prompt_format: str | None = None, tokenizer: Any = None
+) -> str:
     """The text ``/api/chat`` and ``/v1/chat/completions`` feed the model; ``messages`` are
     ``{"role", "content"}`` dicts and must end with a user message (after any system messages)."""
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the conversation must end with a message whose role is 'user'")
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template([dict(m) for m in messages])
     if prompt_format == "alpaca":
         systems = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
         *history, last = turns
@@ -257,5 +302,4 @@ def load_models(
         if canonical_name(name) in seen:
             raise ValueError(f"model name {name!r} is given twice (as {canonical_name(name)!r})")
         seen.add(canonical_name(name))
-    get_encoding()  # a missing tokenizer should fail now, not on the first request
     return {canonical_name(n): load_model(n, d, device=device) for n, d in models.items()}

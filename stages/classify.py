@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gptlab import lora
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.classify import (
     HEAD_INITS,
     TRAINABLE,
@@ -36,36 +37,16 @@ from gptlab.classify import (
 )
 from gptlab.fileio import read_utf8, write_json
 from gptlab.model import GPT
-from gptlab.tokenizer import EOT_ID, encode
+from gptlab.tokenizer import GPT2Tokenizer
 from gptlab.train import TrainConfig, train
 from stages import tracking
+from stages.adapters import LoraParams, add_adapters, finish_adapters
 from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
 from stages.plots import plot_confusion, plot_curves, write_history_csv
 
 LABELS = ("ham", "spam")
 REGISTERED_NAME = "gptlab-spam-classifier"
-
-
-@dataclass
-class LoraParams:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: list(lora.LORA_TARGETS))
-    """Layers to adapt; with ``lm_head`` among them the new head gets an adapter and its own weights stay
-    frozen (the book's appendix E wraps every linear layer), otherwise the head trains in full."""
-    dropout: float = 0.0
-    convention: str = "peft"
-    """``peft``: update scaled by alpha / rank (the paper, Hugging Face peft); ``book``: the printed book's
-    appendix E ``LoRALayer`` (scaled by alpha alone, A drawn over its (in, rank) layout)."""
-    merge: bool = True
-    """Merge the adapters into the weights on save (False keeps them separate in the checkpoint)."""
-
-    def __post_init__(self) -> None:
-        lora.check_hyperparameters(self.rank, self.alpha, self.dropout)
-        check_choice("convention", self.convention, lora.CONVENTIONS)
-        if not self.targets:
-            raise ValueError("targets must name at least one linear layer (e.g. c_attn)")
 
 
 @dataclass
@@ -99,8 +80,11 @@ class ClassifyParams:
         check_choice("trainable", self.trainable, TRAINABLE)
 
 
-def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int):
-    """Parse, balance, split and encode; returns ({split: (ids, labels)}, max_length)."""
+def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int, tokenizer=None):
+    """Parse, balance, split and encode (GPT-2's tokenizer unless another is given); returns
+    ({split: (ids, labels)}, max_length)."""
+    tokenizer = tokenizer or GPT2Tokenizer()
+    encode, pad_id = tokenizer.encode, tokenizer.pad_id
     examples = parse_labeled_tsv(text, labels=LABELS, source=source, quoting=params.csv_quoting)
     if params.balance:
         examples = balance(examples, seed=params.train.seed)
@@ -111,7 +95,7 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
     max_length = min(params.max_length or longest, context_length)
     tensors = {
         name: (
-            encode_padded([t for _, t in rows], encode, max_length=max_length, pad_id=EOT_ID),
+            encode_padded([t for _, t in rows], encode, max_length=max_length, pad_id=pad_id),
             torch.tensor([y for y, _ in rows], dtype=torch.long),
         )
         for name, rows in splits.items()
@@ -120,19 +104,11 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
 
 
 def build_model(base: Path, params: ClassifyParams, device: str):
-    model, _ = load_checkpoint(base)
+    model, _ = load_checkpoint(base)  # GPT or Decoder
     torch.manual_seed(params.train.seed)  # the new head's initialisation
     model = to_classifier(model, len(LABELS), head_init=params.head_init)
     if params.trainable == "lora":
-        lora.apply_lora(
-            model,
-            rank=params.lora.rank,
-            alpha=params.lora.alpha,
-            targets=params.lora.targets,
-            dropout=params.lora.dropout,
-            convention=params.lora.convention,
-        )
-        lora.mark_trainable(model, also=() if "lm_head" in params.lora.targets else ("lm_head",))
+        add_adapters(model, params.lora, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:
         set_trainable(model, params.trainable)
     return model.to(device)
@@ -148,13 +124,20 @@ class ClassifyResult:
     history: list[dict]
     confusion: list[list[int]]
     """Test-split confusion matrix (rows: true class)."""
+    tokenizer: Any = None
+    """The base model's tokenizer (saved with the classifier)."""
 
 
 def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, callback=None) -> ClassifyResult:
     """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written."""
     model = build_model(base, params, device)
+    tokenizer = load_tokenizer(base)
     splits, max_length = prepare_splits(
-        read_utf8(data), params, source=str(data), context_length=model.config.context_length
+        read_utf8(data),
+        params,
+        source=str(data),
+        context_length=model.config.context_length,
+        tokenizer=tokenizer,
     )
     trainable, total = lora.count_parameters(model)
     print(
@@ -178,9 +161,7 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
             "val_accuracy": accuracy(m, splits["val"]),
         },
     )
-    adapters = lora.lora_config(model)  # before merging: afterwards there are no LoRA layers to describe
-    if adapters and params.lora.merge:
-        lora.merge_lora(model)
+    adapters = finish_adapters(model, params.lora)
     ids, labels = splits["test"]
     cm = confusion_matrix(labels, predict(model, ids).argmax(-1), len(LABELS))
     report = classification_report(cm, LABELS)
@@ -201,10 +182,9 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
         "stage": "classify",
         "labels": list(LABELS),
         "max_length": max_length,
-        "lora": adapters,
-        "lora_merged": bool(adapters) and params.lora.merge,
+        **adapters,
     }
-    return ClassifyResult(model, meta, metrics, result.history, cm.tolist())
+    return ClassifyResult(model, meta, metrics, result.history, cm.tolist(), tokenizer)
 
 
 @stage_main("classify")
@@ -225,7 +205,7 @@ def main() -> None:
         out = classify(
             params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
         )
-        save_checkpoint(out.model, args.model, meta=out.meta)
+        save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
         write_json(args.metrics, out.metrics)
         write_json(args.confusion_json, {"labels": list(LABELS), "matrix": out.confusion, "split": "test"})
         columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]

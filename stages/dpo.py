@@ -13,23 +13,25 @@ import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from gptlab import lora
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.dpo import (
     REDUCTIONS,
     collate_preferences,
-    encode_preference,
     evaluate_rewards,
     make_dpo_loss_fn,
     trl_names,
 )
 from gptlab.fileio import write_json
 from gptlab.model import GPT
+from gptlab.prompts import Prompter
 from gptlab.responses import generate_responses
-from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
+from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
 from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
 from stages.plots import plot_curves, write_history_csv
@@ -53,6 +55,8 @@ class DpoParams:
     test_frac: float = 0.10
     mask_prompt: bool = True
     """Score response tokens only (the book masks the prompt)."""
+    lora: LoraParams | None = None
+    """Train LoRA adapters on the policy only (the reference stays the SFT model); None = every weight."""
     max_length: int | None = None
     batch_size: int = 8
     drop_last: bool = False
@@ -81,6 +85,9 @@ class DpoResult:
     history: list[dict]
     responses: list[dict]
     """Test records with the reference's (SFT) and the policy's answers."""
+    tokenizer: Any = None
+    meta: dict = field(default_factory=dict)
+    """Checkpoint metadata: prompt style, beta, reduction, LoRA settings."""
 
 
 def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, callback=None) -> DpoResult:
@@ -95,17 +102,24 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         shuffle=params.split_shuffle,
     )
     train_set, val_set, test_set = parts
-    policy, _ = load_checkpoint(sft, device=device)
+    policy, sft_config = load_checkpoint(sft, device=device)
+    tokenizer = load_tokenizer(sft)
+    # Responses in the format the SFT model was trained on.
+    prompter = Prompter(sft_config.get("meta", {}).get("prompt_format", "alpaca"), tokenizer)
+    if lora.lora_config(policy):
+        lora.merge_lora(policy)  # an SFT saved with separate adapters: fold them in before new ones
     policy.set_dropout(0.0)  # dropout noise would bias log(pi/pi_ref) and the implicit rewards
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if params.lora is not None:
+        add_adapters(policy, params.lora)
     collate = functools.partial(
         collate_preferences,
-        pad_id=EOT_ID,
+        pad_id=prompter.end_id,
         allowed_max_length=params.max_length or policy.config.context_length,
         mask_prompt=params.mask_prompt,
     )
     encoded = {
-        name: [encode_preference(e, encode) for e in rows]
+        name: [prompter.preference_item(e) for e in rows]
         for name, rows in (("train", train_set), ("val", val_set))
     }
     kw = dict(batch_size=params.batch_size, collate=collate)
@@ -147,10 +161,13 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         eval_fn=eval_fn,
     )
     after = result.history[-1]
+    counts = parameter_counts(policy)
+    adapters = finish_adapters(policy, params.lora)
     test_rows = [{**e, "output": e.get("output", e["chosen"])} for e in test_set]
     ask = functools.partial(
         generate_responses,
         entries=test_rows,
+        prompter=prompter,
         max_new_tokens=params.max_new_tokens,
         batch_size=params.batch_size,
     )
@@ -168,12 +185,20 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         **{f"final_{k}": v for k, v in after.items() if k.startswith(("train_", "val_"))},
         **{f"initial_{k}": v for k, v in before.items()},
         "steps": result.step,
+        **counts,
         "beta": params.beta,
         "records": num_records,
         "skipped_records": skipped,
         "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
     }
-    return DpoResult(policy, metrics, result.history, rows)
+    meta = {
+        "stage": "dpo",
+        "prompt_format": prompter.style,
+        "beta": params.beta,
+        "reduction": params.reduction,
+        **adapters,
+    }
+    return DpoResult(policy, metrics, result.history, rows, tokenizer, meta)
 
 
 @stage_main("dpo")
@@ -198,8 +223,7 @@ def main() -> None:
         out = preference_tune(
             params, args.sft, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
         )
-        meta = {"stage": "dpo", "prompt_format": "alpaca", "beta": params.beta, "reduction": params.reduction}
-        save_checkpoint(out.model, args.model, meta=meta)
+        save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
         write_responses(out.responses, args.responses, args.responses_table)
         write_json(args.metrics, out.metrics)
         columns = [

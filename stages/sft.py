@@ -1,9 +1,10 @@
 """Stage ``sft``: instruction finetuning (book ch. 7).
 
-Validate the instruction records, split them 85/10/5 (train/test/validation, seeded), tokenize the Alpaca-format
-prompt + response, train with the book's collate function (padding targets ignored, optionally the prompt too),
-then generate a response for every test record (greedy, KV cache, stop at ``<|endoftext|>``) for the evaluation
-stage. The model is registered as ``gptlab-sft``.
+Validate the instruction records, split them 85/10/5 (train/test/validation, seeded), tokenize prompt +
+response in the book's Alpaca format or the model's own chat template (``prompt_style``, :mod:`gptlab.prompts`),
+train with the book's collate function (padding targets ignored, optionally the prompt too), then generate a
+response for every test record (greedy, KV cache, stop at the end token) for the evaluation stage. The model is
+registered as ``gptlab-sft``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import argparse
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.fileio import write_json
-from gptlab.instruct import collate_sft, encode_record
+from gptlab.instruct import collate_sft
 from gptlab.model import GPT
+from gptlab.prompts import STYLES, Prompter
 from gptlab.responses import generate_responses
-from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
+from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
 from stages.entry import resolve_device, stage_main
 from stages.params import check_choice, load_section
 from stages.plots import plot_curves, write_history_csv
@@ -39,8 +42,12 @@ class SftParams:
     """Shuffle the records (seeded) before the 85/10/5 split; false splits in file order, as the book's ch. 7."""
     train_frac: float = 0.85
     test_frac: float = 0.10
+    prompt_style: str = "alpaca"
+    """``alpaca`` (the book's prompt format; any model) or ``chat`` (the model's own chat template)."""
     mask_prompt: bool = False
     """Exclude the prompt tokens from the loss (the book's exercise 7.2)."""
+    lora: LoraParams | None = None
+    """Train LoRA adapters only (appendix E) instead of every weight; None = full finetuning."""
     max_length: int | None = None
     """Truncate training sequences to this many tokens; None = the model's context length."""
     batch_size: int = 8
@@ -57,6 +64,7 @@ class SftParams:
 
     def __post_init__(self) -> None:
         check_choice("data_order", self.data_order, ORDERS)
+        check_choice("prompt_style", self.prompt_style, STYLES)
 
 
 @dataclass
@@ -66,6 +74,9 @@ class SftResult:
     history: list[dict]
     responses: list[dict]
     """Test records with the model's answer as ``model_response`` (the book's layout)."""
+    tokenizer: Any = None
+    meta: dict = field(default_factory=dict)
+    """Checkpoint metadata: the prompt style (``gptlab serve`` formats chats with it) and LoRA settings."""
 
 
 def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback=None) -> SftResult:
@@ -81,27 +92,32 @@ def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback
     )
     train_set, val_set, test_set = parts
     model, _ = load_checkpoint(base, device=device)
+    tokenizer = load_tokenizer(base)
+    prompter = Prompter(params.prompt_style, tokenizer)
+    if params.lora is not None:
+        add_adapters(model, params.lora)
     collate = functools.partial(
         collate_sft,
-        pad_id=EOT_ID,
+        pad_id=prompter.end_id,
         allowed_max_length=params.max_length or model.config.context_length,
         mask_prompt=params.mask_prompt,
     )
-    train_items = [encode_record(e, encode) for e in train_set]
+    train_items = [prompter.sft_item(e) for e in train_set]
     kw = dict(batch_size=params.batch_size, collate=collate, seed=params.train.seed, order=params.data_order)
     result = train(
         model,
         ListBatches(train_items, drop_last=params.drop_last, **kw),
         params.train,
-        val_data=ListBatches([encode_record(e, encode) for e in val_set], shuffle=False, **kw),
+        val_data=ListBatches([prompter.sft_item(e) for e in val_set], shuffle=False, **kw),
         train_eval_data=ListBatches(train_items, drop_last=params.drop_last, **kw),
         loss_fn=lm_loss,
         device=device,
         callback=callback,
     )
     answers = generate_responses(
-        model, test_set, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size
+        model, test_set, prompter, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size
     )
+    counts = parameter_counts(model)
     rows = [
         {"instruction": e["instruction"], "input": e["input"], "output": e["output"], "model_response": r}
         for e, r in zip(test_set, answers, strict=True)
@@ -110,12 +126,14 @@ def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
         "steps": result.step,
+        **counts,
         "records": num_records,
         "skipped_records": skipped,
         "split_sizes": {"train": len(train_set), "test": len(test_set), "val": len(val_set)},
         "empty_responses": sum(not r for r in answers),
     }
-    return SftResult(model, metrics, result.history, rows)
+    meta = {"stage": "sft", "prompt_format": params.prompt_style, **finish_adapters(model, params.lora)}
+    return SftResult(model, metrics, result.history, rows, tokenizer, meta)
 
 
 @stage_main("sft")
@@ -138,7 +156,7 @@ def main() -> None:
         out = finetune(
             params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
         )
-        save_checkpoint(out.model, args.model, meta={"stage": "sft", "prompt_format": "alpaca"})
+        save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
         write_responses(out.responses, args.responses, args.responses_table)
         write_json(args.metrics, out.metrics)
         columns = ["train_loss", "val_loss"]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from hub_server import COMMIT, serve_hub
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptlab.checkpoint import load_checkpoint
@@ -117,57 +114,13 @@ def test_wrong_shapes_name_the_tensor(hf_dir, tmp_path) -> None:
         load_hf_gpt2(tmp_path)
 
 
-class _HubHandler(http.server.SimpleHTTPRequestHandler):
-    """The hub's ``/<repo>/resolve/<revision>/<file>`` as ``huggingface_hub`` reads it: HEAD with the commit and
-    the ETag (an LFS file's sha256, a git blob id otherwise), then GET."""
-
-    COMMIT = "4f5c2ab1e0c9bd04a2be3d2f7e5d8b0c6e7a9f11"
-
-    def __init__(self, *args, files: dict[str, Path], bad_etag: bool, **kwargs) -> None:
-        self.files, self.bad_etag = files, bad_etag
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _head(self) -> bytes | None:
-        path = self.files.get(self.path.replace(f"/resolve/{self.COMMIT}/", "/resolve/main/"))
-        if path is None:
-            self.send_error(404)
-            return None
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Repo-Commit", self.COMMIT)
-        if path.suffix == ".safetensors":
-            digest = "0" * 64 if self.bad_etag else hashlib.sha256(data).hexdigest()
-            self.send_header("X-Linked-Etag", f'"{digest}"')
-            self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
-        self.end_headers()
-        return data
-
-    def do_HEAD(self) -> None:
-        self._head()
-
-    def do_GET(self) -> None:
-        data = self._head()
-        if data is not None:
-            self.wfile.write(data)
-
-
 @pytest.fixture
 def hub(hf_dir):
     servers = []
 
     def start(bad_etag: bool = False) -> str:
-        files = {
-            f"/openai-community/gpt2/resolve/main/{f}": hf_dir / f
-            for f in ("config.json", "model.safetensors")
-        }
-        handler = functools.partial(_HubHandler, files=files, bad_etag=bad_etag)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        files = {f"openai-community/gpt2/{f}": hf_dir / f for f in ("config.json", "model.safetensors")}
+        server = serve_hub(files, bad_etag=bad_etag)
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 
@@ -194,9 +147,9 @@ def test_download_with_bad_etag_fails_and_leaves_nothing(hub, tmp_path) -> None:
 def test_download_is_cached_and_revision_pinned(hub, tmp_path) -> None:
     endpoint = hub()
     first = download_gpt2("gpt2-small", tmp_path / "cache", endpoint=endpoint, progress=False)
-    assert first.name == _HubHandler.COMMIT  # huggingface_hub's snapshots/<commit>/ layout
+    assert first.name == COMMIT  # huggingface_hub's snapshots/<commit>/ layout
     pinned = download_gpt2(
-        "gpt2-small", tmp_path / "cache", endpoint=endpoint, revision=_HubHandler.COMMIT, progress=False
+        "gpt2-small", tmp_path / "cache", endpoint=endpoint, revision=COMMIT, progress=False
     )
     assert pinned == first
 

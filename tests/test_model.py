@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptlab.config import GPT2_PRESETS, PRESETS, GPTConfig
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -96,7 +96,7 @@ def test_cache_prefill_then_step_matches_full_forward() -> None:
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
     idx = torch.randint(0, 256, (2, 9))
-    cache = KVCache(model.config, 2)
+    cache = model.new_cache(2)
     first = model(idx[:, :5], cache=cache)
     rest = [model(idx[:, t : t + 1], cache=cache) for t in range(5, 9)]
     full = model(idx)

@@ -28,7 +28,7 @@ from gptlab.config import GPTConfig
 from gptlab.generate import generate
 from gptlab.instruct import format_input, format_response
 from gptlab.model import GPT
-from gptlab.tokenizer import EOT_ID, decode, encode, get_encoding
+from gptlab.tokenizer import EOT_ID, GPT2Tokenizer, decode, encode
 from serving.app import Server, make_server
 from serving.decoding import TextFilter
 from serving.models import parse_model_arg, render_chat_prompt, render_generate_prompt
@@ -487,7 +487,7 @@ def _pieces(text_filter: TextFilter, ids: list[int]) -> tuple[list[str], bool]:
 
 
 def test_text_filter_holds_back_incomplete_utf8(gpt2_tiktoken_file: Path) -> None:
-    enc = get_encoding()
+    enc = GPT2Tokenizer().decode
     text = "héllo 世界 🙂 done"
     ids = encode(text)
     assert len(ids) > len(text.split())  # some characters span several byte-level tokens
@@ -501,7 +501,7 @@ def test_text_filter_holds_back_incomplete_utf8(gpt2_tiktoken_file: Path) -> Non
 
 
 def test_text_filter_stop_strings_and_alpaca_header(gpt2_tiktoken_file: Path) -> None:
-    enc = get_encoding()
+    enc = GPT2Tokenizer().decode
     pieces, stopped = _pieces(TextFilter(enc, ["STOP here"]), encode("one two STOP here three"))
     assert stopped and "".join(pieces) == "one two "
     assert all("STOP" not in p for p in pieces)  # a possible stop prefix is never emitted early
@@ -558,3 +558,28 @@ def test_cli_serve_prints_url_and_stops_on_ctrl_c(
     assert main(["serve", "--model", f"tiny={env['root'] / 'tiny'}", "--port", "0", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "http://127.0.0.1:" in out and "tiny:latest" in out and "stopped" in err
+
+
+def test_a_chat_template_model_answers_in_its_template(tmp_path: Path) -> None:
+    """A Llama-family checkpoint with its own tokenizer and ChatML template: /api/chat renders the conversation
+    with the template and stops at its end of turn, as gptlab's own generate does with the same ids."""
+    from stage_fixtures import tiny_chat_checkpoint
+
+    from gptlab.checkpoint import load_checkpoint, load_tokenizer
+
+    path = tiny_chat_checkpoint(tmp_path / "chat")
+    model, _ = load_checkpoint(path)
+    tokenizer = load_tokenizer(path)
+    messages = [{"role": "user", "content": "the cat"}]
+    ids = tokenizer.encode_chat(messages)
+    want = generate(model, [ids], max_new_tokens=12, eos_id=tokenizer.stop_ids)[0]
+    server = make_server({"chat": path}).start()
+    try:
+        client = ollama.Client(host=f"http://127.0.0.1:{server.port}", trust_env=False)
+        reply = client.chat(model="chat", messages=messages, options={"temperature": 0, "num_predict": 12})
+        assert reply.message.content == tokenizer.decode(want)
+        assert reply.prompt_eval_count == len(ids) and reply.eval_count == len(want)
+        shown = client.show("chat")
+        assert shown.details.family == "llama" and "<|im_start|>" in shown.template
+    finally:
+        server.stop()

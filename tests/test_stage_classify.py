@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stage_fixtures import SAMPLE, quick_train, tiny_checkpoint
+import torch
+from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.lora import LoRALinear
@@ -37,3 +38,25 @@ def test_classify_with_lora_on_every_layer_merges_the_adapters(tmp_path) -> None
     assert out.metrics["trainable_params"] < out.metrics["total_params"] / 10
     save_checkpoint(out.model, tmp_path / "clf", meta=out.meta)
     assert load_checkpoint(tmp_path / "clf")[0].config.num_classes == 2
+
+
+def test_classify_a_llama_model_with_lora_on_its_projections(tmp_path) -> None:
+    """Any family classifies: the last token's hidden state through a new 2-class head, its own tokenizer."""
+    base = tiny_chat_checkpoint(tmp_path / "base")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    params = ClassifyParams(
+        trainable="lora",
+        lora=LoraParams(rank=2, alpha=4.0, targets=targets),
+        train=quick_train(),
+        batch_size=8,
+    )
+    out = classify(params, base, SAMPLE / "SMSSpamCollection", "cpu")
+    assert out.model.config.num_classes == 2 and out.model.lm_head.out_features == 2
+    assert out.meta["lora"]["targets"] == sorted(targets)
+    assert out.metrics["trainable_params"] < out.metrics["total_params"] / 5
+    assert out.tokenizer.name == "hf"  # padded and truncated in the model's own tokens
+    save_checkpoint(out.model, tmp_path / "clf", tokenizer=out.tokenizer, meta=out.meta)
+    model, _ = load_checkpoint(tmp_path / "clf")
+    x = torch.tensor([[5, 70, 80, 90]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out.model(x))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from stage_fixtures import SAMPLE, quick_train, tiny_checkpoint
+import math
 
+import pytest
+from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
+
+from stages.adapters import LoraParams
 from stages.dpo import DpoParams, preference_tune
 
 
@@ -27,3 +31,18 @@ def test_preference_tune_reports_rewards_under_both_names(tmp_path) -> None:
     assert last["logps/chosen"] == last["train_logps_chosen"] < 0
     assert len(out.responses) == m["split_sizes"]["test"] == 10
     assert {"reference_response", "model_response"} <= set(out.responses[0])
+
+
+def test_lora_dpo_on_a_chat_model_follows_the_sft_prompt_format(tmp_path) -> None:
+    """The SFT checkpoint says ``chat``: preference pairs are rendered with the template and end with its end of
+    turn; LoRA adapters train while the reference stays the SFT model."""
+    sft = tiny_chat_checkpoint(tmp_path / "sft", stage="sft", prompt_format="chat")
+    lora = LoraParams(rank=2, alpha=4.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    params = DpoParams(lora=lora, train=quick_train(lr=1e-2), max_new_tokens=3, batch_size=4)
+    out = preference_tune(params, sft, SAMPLE / "instruction-data-with-preference.json", "cpu")
+    m = out.metrics
+    assert out.meta["prompt_format"] == "chat" and out.meta["lora_merged"]
+    assert m["trainable_params"] < m["total_params"] / 10
+    assert m["initial_train_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    assert m["final_train_loss"] != m["initial_train_loss"]
+    assert len(out.responses) == m["split_sizes"]["test"]

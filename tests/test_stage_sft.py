@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from stage_fixtures import SAMPLE, quick_train, tiny_checkpoint
+import torch
+from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
 
+from gptlab.checkpoint import load_checkpoint
+from stages.adapters import LoraParams
 from stages.sft import SftParams, finetune
 
 
@@ -26,3 +29,29 @@ def test_split_in_file_order_as_the_book(tmp_path) -> None:
     out = finetune(params, base, SAMPLE / "instruction-data.json", "cpu")
     records = json.loads((SAMPLE / "instruction-data.json").read_text())
     assert [r["instruction"] for r in out.responses] == [r["instruction"] for r in records[261:291]]
+
+
+def test_chat_prompt_style_with_lora_on_a_llama_model(tmp_path) -> None:
+    """A model with a chat template: records rendered as conversations, trained through LoRA adapters on the
+    Llama projections, answers stopped at the template's end of turn and cut out of the chat."""
+    base = tiny_chat_checkpoint(tmp_path / "base")
+    lora = LoraParams(rank=2, alpha=4.0, targets=["q_proj", "v_proj", "down_proj"])
+    params = SftParams(
+        prompt_style="chat", lora=lora, train=quick_train(lr=1e-2), max_new_tokens=3, batch_size=4
+    )
+    out = finetune(params, base, SAMPLE / "instruction-data.json", "cpu")
+    assert out.meta["prompt_format"] == "chat" and out.meta["lora"]["targets"] == [
+        "down_proj",
+        "q_proj",
+        "v_proj",
+    ]
+    assert out.metrics["trainable_params"] < out.metrics["total_params"] / 10
+    assert out.tokenizer.chat_template and len(out.responses) == 30
+    assert all("<|im_start|>" not in r["model_response"] for r in out.responses)
+    before = load_checkpoint(base)[0].state_dict()
+    after = out.model.state_dict()
+    assert set(after) == set(before)  # merged: plain weights again
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(
+        k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for k in changed
+    )

@@ -1,0 +1,102 @@
+"""How instruction records become token ids: the book's Alpaca prompt, or the model's own chat template.
+
+``alpaca`` is the book's ch. 7 format (:func:`gptlab.instruct.format_input` + ``### Response:``), tokenized as
+one string, the response ended by the tokenizer's end-of-text; it works for every model, and GPT-2 models have
+nothing else. ``chat`` renders the record as a conversation with the model's template (the instruction and
+input as the user's message), so an instruction-tuned model is finetuned in the format it already knows: the
+prompt is the template with the assistant's header (``add_generation_prompt``), the response is the output's
+tokens followed by the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>`` …), and
+generation stops at it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gptlab.dpo import encode_preference
+from gptlab.instruct import encode_record, format_input
+
+STYLES = ("alpaca", "chat")
+_PROBE = "Zq7xW"  # a reply no template contains, to find where an assistant turn ends
+
+
+def response_text(generated: str) -> str:
+    """The answer in a continuation of the Alpaca prompt: the book's ``.replace("### Response:", "").strip()``."""
+    return generated.replace("### Response:", "").strip()
+
+
+def user_message(entry: dict) -> str:
+    """The record as one user message: the instruction, then the input (if any) after a blank line."""
+    return entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
+
+
+def turn_end_id(tokenizer: Any) -> int:
+    """The special token the chat template writes right after an assistant's reply (falls back to EOS)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}],
+        add_generation_prompt=False,
+    )
+    tail = text[text.rindex(_PROBE) + len(_PROBE) :]
+    for token in tokenizer.tokenizer.encode(tail, add_special_tokens=False).tokens:
+        if token in tokenizer.special.values() or token in _added_special(tokenizer):
+            return tokenizer.tokenizer.token_to_id(token)
+    if tokenizer.eos_id is None:
+        raise ValueError("the chat template ends a turn with no special token and the tokenizer has no EOS")
+    return tokenizer.eos_id
+
+
+def _added_special(tokenizer: Any) -> set[str]:
+    return {t.content for t in tokenizer.tokenizer.get_added_tokens_decoder().values() if t.special}
+
+
+class Prompter:
+    """Token ids of instruction records in one prompt style for one tokenizer (see the module docstring)."""
+
+    def __init__(self, style: str, tokenizer: Any) -> None:
+        if style not in STYLES:
+            raise ValueError(f"prompt_style must be one of {', '.join(STYLES)}, got {style!r}")
+        if style == "chat" and not tokenizer.chat_template:
+            raise ValueError(
+                "prompt_style 'chat' needs a model with a chat template (GPT-2 models: use 'alpaca')"
+            )
+        self.style, self.tokenizer = style, tokenizer
+        self.end_id: int = turn_end_id(tokenizer) if style == "chat" else tokenizer.eos_id
+        """The token that ends a response (appended in training, a stop token in generation)."""
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.end_id, *tokenizer.stop_ids]))
+
+    def _plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, entry: dict) -> list[int]:
+        """What the model reads before answering ``entry``."""
+        if self.style == "alpaca":
+            return self.tokenizer.encode(format_input(entry))
+        return self.tokenizer.encode_chat([{"role": "user", "content": user_message(entry)}])
+
+    def sft_item(self, entry: dict) -> tuple[list[int], int]:
+        """(prompt + response ids, prompt length) for :func:`gptlab.instruct.collate_sft`, which appends the
+        end token."""
+        if self.style == "alpaca":
+            return encode_record(entry, self.tokenizer.encode)
+        prompt = self.prompt_ids(entry)
+        return prompt + self._plain(entry["output"]), len(prompt)
+
+    def preference_item(self, entry: dict) -> dict[str, list[int]]:
+        """``{"prompt", "chosen", "rejected", "response_start"}`` for :func:`gptlab.dpo.collate_preferences`."""
+        if self.style == "alpaca":
+            return encode_preference(entry, self.tokenizer.encode)
+        missing = [k for k in ("instruction", "chosen", "rejected") if k not in entry]
+        if missing:
+            raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
+        prompt = self.prompt_ids(entry)
+        return {
+            "prompt": prompt,
+            "chosen": prompt + self._plain(entry["chosen"]) + [self.end_id],
+            "rejected": prompt + self._plain(entry["rejected"]) + [self.end_id],
+            "response_start": len(prompt),
+        }
+
+    def response_text(self, ids: list[int]) -> str:
+        """The answer in generated ids (``### Response:`` header stripped for Alpaca, as the book does)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return response_text(text) if self.style == "alpaca" else text.strip()
