@@ -74,7 +74,7 @@ def load_pretrained(
         return model, tokenizer, f"hub:{HUB_REPOS.get(text, text)}@{revision}"
     names = ", ".join([*WHEEL_MODELS, *GPT2_REPOS, *HUB_REPOS])
     raise ValueError(
-        f"{src}: not a directory, a .gguf file, a hub repo id (org/name) or a known model ({names})"
+        f"{src}: expected a directory, a .gguf file, a hub repo id (org/name) or a known model ({names})"
     )
 
 

@@ -36,6 +36,14 @@ def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
         ]
 
 
+def all_up_to_date(root: Path, target: str | None = None) -> bool:
+    """Whether ``dvc status`` finds nothing to do for ``target`` (every stage, if None) and its dependencies."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return not repo.status(targets=[target] if target else None, with_deps=True)
+
+
 def work_dirs(cmd: str | list[str]) -> list[str]:
     """The ``--work DIR`` arguments of a stage's command: resume state that only an unfinished run needs."""
     words = [w for c in ([cmd] if isinstance(cmd, str) else cmd) for w in shlex.split(c)]

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.CalledProcessError as exc:
             return exc.returncode
         return 0
+    if not (args.force or args.profile or args.set_param) and nothing_to_do(args.target, run_id):
+        return 0
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry errors offline
     log = Path("logs") / f"pipeline-{run_id}.log"
@@ -104,14 +106,36 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"pipeline: error: {exc}\n  full log: {log}", file=console)
         return 2
+    print(summary(run_id, [(r["stage"], r["ran"]) for r in results]), file=console)
+    return 0
+
+
+def summary(run_id: str, stages: list[tuple[str, bool]]) -> str:
     lines = [f"\npipeline summary (run id {run_id}):"]
-    lines += [f"  {r['stage']:<12} {'ran' if r['ran'] else 'up to date'}" for r in results]
+    lines += [f"  {name:<12} {'ran' if ran else 'up to date'}" for name, ran in stages]
     lines += [
         "outputs: models/ metrics/ plots/ outputs/",
         "runs:    mlflow ui --backend-store-uri sqlite:///mlflow.db",
     ]
-    print("\n".join(lines), file=console)
-    return 0
+    return "\n".join(lines)
+
+
+def nothing_to_do(target: str | None, run_id: str) -> bool:
+    """When ``dvc status`` says every stage is up to date, say so and skip starting Prefect's temporary server
+    (most of a no-op run's time): a run with nothing to do records nothing in Prefect or MLflow."""
+    from pipelines.graph import all_up_to_date, dvc_stages, sweep_work
+
+    try:
+        if not all_up_to_date(ROOT, target):
+            return False
+        stages = dvc_stages(ROOT, target)
+    except Exception:  # noqa: BLE001 - a broken project is the full run's to report, with its log
+        return False
+    for stage in stages:
+        sweep_work(ROOT, stage["work"])
+    print(f"pipeline {run_id}: nothing to do", file=sys.stdout)
+    print(summary(run_id, [(s["name"], False) for s in stages]))
+    return True
 
 
 if __name__ == "__main__":

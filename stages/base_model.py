@@ -52,6 +52,8 @@ def load_base(params: BaseModelParams, pretrained: Path):
         message = str(exc)
         if message.startswith(f"{params.source}: "):
             message = message[len(params.source) + 2 :]
+        if message.startswith("expected a directory"):  # an unknown name: pretrain is one more choice here
+            message = "expected 'pretrain', a directory" + message[len("expected a directory") :]
         raise ValueError(f"base_model.source {params.source!r}: {message}") from None
 
 

@@ -172,6 +172,7 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
         "test_majority_baseline": majority_baseline(labels, len(LABELS)),
         "val_loss": result.val_loss,
         "train_loss": result.train_loss,
+        "precision": result.precision,
         "split_sizes": {name: len(d[1]) for name, d in splits.items()},
         "max_length": max_length,
         "trainable_params": trainable,

@@ -185,6 +185,7 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         **{f"final_{k}": v for k, v in after.items() if k.startswith(("train_", "val_"))},
         **{f"initial_{k}": v for k, v in before.items()},
         "steps": result.step,
+        "precision": result.precision,
         **counts,
         "beta": params.beta,
         "records": num_records,

@@ -88,8 +88,11 @@ def run_fingerprint(params: PretrainParams, manifest: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, callback=None):
-    """Train (resuming from ``work`` when it holds this exact run); returns (model, TrainResult)."""
+def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, callback=None, on_samples=None):
+    """Train (resuming from ``work`` when it holds this exact run); returns (model, TrainResult).
+
+    ``on_samples(step, rows)`` receives the fixed prompts' completions at every evaluation (the book prints a
+    sample after each epoch), to follow what the model learns."""
     model = build_model(params)  # first: a bad architecture param is named before the data is read
     train_stream, val_stream = TokenStream(tokens, "train"), TokenStream(tokens, "val")
     kw = dict(
@@ -103,6 +106,13 @@ def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, call
     train_eval = WindowLoader(train_stream, shuffle=True, seed=params.train.seed, **kw)
     val_data = WindowLoader(val_stream, shuffle=False, drop_last=False, **kw)
     checkpointer = Checkpointer(work, meta={"stage": "pretrain"})
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if callback is not None:
+            callback(step, metrics)
+        if on_samples is not None and "val_loss" in metrics:
+            on_samples(step, sample(model, params, device))
+
     result = train(
         model,
         train_data,
@@ -111,23 +121,29 @@ def pretrain(params: PretrainParams, tokens: Path, work: Path, device: str, call
         train_eval_data=train_eval if params.train.eval_train else None,
         device=device,
         checkpointer=checkpointer,
-        callback=callback,
+        callback=log,
     )
     return model, result
 
 
 def sample(model: GPT, params: PretrainParams, device: str) -> list[dict[str, str]]:
+    """Completions of the fixed prompts with their own seeded generator; the model's train/eval mode and torch's
+    RNG are left as found, so sampling during training changes nothing the training computes."""
     sampling = SamplingConfig(temperature=params.sample_temperature, top_k=params.sample_top_k)
     gen = torch.Generator(device=device).manual_seed(params.train.seed)
     prompts = [encode(p) for p in params.sample_prompts]
-    outs = generate(
-        model,
-        prompts,
-        max_new_tokens=params.sample_max_new_tokens,
-        sampling=sampling,
-        eos_id=EOT_ID,
-        generator=gen,
-    )
+    was_training = model.training
+    try:
+        outs = generate(
+            model,
+            prompts,
+            max_new_tokens=params.sample_max_new_tokens,
+            sampling=sampling,
+            eos_id=EOT_ID,
+            generator=gen,
+        )
+    finally:
+        model.train(was_training)
     return [{"prompt": p, "completion": decode(o)} for p, o in zip(params.sample_prompts, outs, strict=True)]
 
 
@@ -158,7 +174,14 @@ def main() -> None:
         print(f"pretrain: resuming from {work}")
 
     with tracking.stage_run("pretrain", params):
-        model, result = pretrain(params, args.tokens, work, device, callback=tracking.metrics_logger())
+        model, result = pretrain(
+            params,
+            args.tokens,
+            work,
+            device,
+            callback=tracking.metrics_logger(),
+            on_samples=tracking.log_samples,
+        )
         save_checkpoint(model, args.model, meta={"stage": "pretrain", "step": result.step})
         samples = sample(model, params, device)
         write_json(args.samples, samples)
@@ -170,6 +193,7 @@ def main() -> None:
             "val_loss": result.val_loss,
             "val_perplexity": math.exp(min(result.val_loss, 50.0)),
             "steps": result.step,
+            "precision": result.precision,
             "tokens_seen": result.tokens_seen,
             "num_params": model.num_params(),
         }

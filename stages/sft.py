@@ -126,6 +126,7 @@ def finetune(params: SftParams, base: Path, data: Path, device: str, *, callback
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
         "steps": result.step,
+        "precision": result.precision,
         **counts,
         "records": num_records,
         "skipped_records": skipped,

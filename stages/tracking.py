@@ -137,14 +137,29 @@ def metrics_logger(prefix: str = "") -> Callable[[int, dict[str, float]], None]:
     return log
 
 
+def log_samples(step: int, rows: list[dict[str, str]]) -> None:
+    """Sample completions at a training step, appended to the run's ``samples_by_step.json`` table."""
+    table = {
+        "step": [step] * len(rows),
+        "prompt": [r["prompt"] for r in rows],
+        "completion": [r["completion"] for r in rows],
+    }
+    mlflow.log_table(data=table, artifact_file="samples_by_step.json")
+
+
 def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
-    """Log the numeric entries of a stage's final metrics dict."""
+    """Log the numeric entries of a stage's final metrics dict as metrics, the text ones (the precision used,
+    a model's source) as params under ``result.``."""
+    flat = flatten(metrics)
     numeric = {
         f"{prefix}{k}": float(v)
-        for k, v in flatten(metrics).items()
+        for k, v in flat.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
     mlflow.log_metrics(numeric)
+    text = {f"result.{k}": v for k, v in flat.items() if isinstance(v, str)}
+    if text:
+        mlflow.log_params(text)
 
 
 def declared_outputs(stage: str, root: Path | None = None) -> list[Path]:

@@ -92,7 +92,7 @@ def test_repo_id_with_a_corrupt_shard_fails_and_keeps_nothing(hub, tmp_path) -> 
 
 def test_unknown_sources_are_one_line_errors(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match=r"gpt5: not a directory, a \.gguf file, a hub repo id") as err:
+    with pytest.raises(ValueError, match=r"gpt5: expected a directory, a \.gguf file, a hub repo id") as err:
         load_pretrained("gpt5")
     assert "smollm2-135m-instruct" in str(err.value)
     with pytest.raises(

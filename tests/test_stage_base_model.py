@@ -34,7 +34,9 @@ def test_base_model_from_pretrain_and_from_a_checkpoint(tmp_path, tokens) -> Non
 
 
 def test_unknown_source_names_the_param(tmp_path, tokens) -> None:
-    with pytest.raises(ValueError, match="base_model.source 'gpt5': not a directory, a .gguf file"):
+    with pytest.raises(
+        ValueError, match="base_model.source 'gpt5': expected 'pretrain', a directory, a .gguf file"
+    ):
         base_model(BaseModelParams(source="gpt5"), tmp_path, tokens, "cpu")
 
 

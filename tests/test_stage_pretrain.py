@@ -81,3 +81,22 @@ def test_bad_model_overrides_are_named(overrides: dict, message: str) -> None:
 
     with pytest.raises(ParamsError, match=rf"pretrain\.model_overrides: .*{message}"):
         build_model(dataclasses.replace(params(), model_overrides=overrides))
+
+
+def test_samples_at_each_evaluation_change_nothing_the_training_computes(
+    tokens: Path, tmp_path: Path
+) -> None:
+    """Dropout is on (0.1): sampling must leave the train mode and torch's RNG as it found them."""
+    plain, plain_result = pretrain(params(), tokens, tmp_path / "a", "cpu")
+    seen = []
+    sampled, result = pretrain(
+        params(), tokens, tmp_path / "b", "cpu", on_samples=lambda s, rows: seen.append((s, rows))
+    )
+    assert [s for s, _ in seen] == [4, 8]
+    assert all([r["prompt"] for r in rows] == params().sample_prompts for _, rows in seen)
+    assert result.history == [
+        {**row, **{k: v for k, v in other.items() if k in ("tokens_per_sec", "peak_memory_mb")}}
+        for row, other in zip(plain_result.history, result.history, strict=True)
+    ]
+    for a, b in zip(plain.state_dict().values(), sampled.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

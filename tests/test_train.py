@@ -60,6 +60,7 @@ def cfg(**kw) -> TrainConfig:
         log_interval=4,
         progress=False,
         seed=7,
+        precision="fp32",  # exact comparisons; bf16 has its own test
     )
     return TrainConfig(**{**base, **kw})
 
@@ -319,3 +320,51 @@ def test_reseed_false_continues_the_callers_rng_stream(shards) -> None:
 def test_eval_first_needs_periodic_evaluation() -> None:
     with pytest.raises(ValueError, match="eval_first needs eval_interval"):
         cfg(eval_first=True, eval_interval=0)
+
+
+def test_auto_precision_asks_torch_for_native_bf16(monkeypatch) -> None:
+    from gptlab import train as train_module
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert train_module.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert train_module.resolve_precision("auto", "cpu") == "bf16"
+    assert train_module.resolve_precision("fp32", "cpu") == "fp32"
+    assert train_module.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_bf16_training_is_recorded_and_deterministic(shards) -> None:
+    timing = ("tokens_per_sec", "peak_memory_mb", "mfu")
+
+    def results(**kw):
+        train_data, val_data = loaders(shards)
+        out = train(make_model(), train_data, cfg(max_steps=8, **kw), val_data=val_data)
+        return out, [{k: v for k, v in row.items() if k not in timing} for row in out.history]
+
+    (bf16, rows), (_, again) = results(precision="bf16"), results(precision="bf16")
+    assert bf16.precision == "bf16" and rows == again
+    fp32, _ = results(precision="fp32")
+    assert fp32.precision == "fp32" and fp32.val_loss != bf16.val_loss  # autocast did compute in bf16
+
+
+def test_log_rows_carry_grad_norm_before_clipping_and_mfu(shards, monkeypatch) -> None:
+    """The logged gradient norm is the one clipping saw (here it is clipped to 0.1); MFU = FLOPs/token x tok/s /
+    peak, with the peak overridable for CPUs."""
+    monkeypatch.setenv("GPTLAB_PEAK_TFLOPS", "2.0")
+    train_data, val_data = loaders(shards)
+    norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        norms.append(float(real_clip(params, max_norm, *a, **kw)))
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    model = make_model()
+    result = train(model, train_data, cfg(max_steps=4, log_interval=2, grad_clip=0.1), val_data=val_data)
+    rows = [r for r in result.history if "grad_norm" in r]
+    assert [r["grad_norm"] for r in rows] == [norms[1], norms[3]] and min(norms) > 0.1
+    for r in rows:
+        assert r["mfu"] == pytest.approx(model.flops_per_token(16) * r["tokens_per_sec"] / 2e12)
+        assert r["peak_memory_mb"] > 50
