@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gptlab import distributed
+
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -382,7 +384,13 @@ def train(
         _set_rng_state(resumed["rng"])
     last_good = step if resumed is not None else None  # step of the newest checkpoint on disk
     compile_model = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    fwd = torch.compile(model) if compile_model else model
+    world, rank = distributed.world_size(), distributed.rank()
+    ddp = model
+    if world > 1:  # data parallel: gradients averaged across ranks inside backward()
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(ddp) if compile_model else ddp
     peak = peak_flops(device)
     flops_per_token = getattr(model, "flops_per_token", None)
 
@@ -400,10 +408,11 @@ def train(
     def run_eval() -> dict[str, float]:
         row: dict[str, float] = {}
         kw = dict(max_batches=cfg.eval_batches, device=device, precision=precision)
+        evaluated = fwd if world == 1 else model  # every rank scores the same batches: no collectives needed
         if cfg.eval_train:  # before val: the book's evaluate_model reads the train loader first
-            row.update(train_loss=evaluate(fwd, train_eval_data, loss_fn, **kw))
+            row.update(train_loss=evaluate(evaluated, train_eval_data, loss_fn, **kw))
         if val_data is not None:
-            val = evaluate(fwd, val_data, loss_fn, **kw)
+            val = evaluate(evaluated, val_data, loss_fn, **kw)
             row.update(val_loss=val, val_perplexity=math.exp(min(val, 50.0)))
         if eval_fn is not None:
             row.update(eval_fn(model))
@@ -413,7 +422,7 @@ def train(
         """Throughput, MFU (where the device's peak is known) and peak memory of the last log window."""
         out = {"tokens_per_sec": tokens_per_sec, "peak_memory_mb": peak_memory_mb(device)}
         if peak is not None and flops_per_token is not None and seq_len:
-            out["mfu"] = flops_per_token(seq_len) * tokens_per_sec / peak
+            out["mfu"] = flops_per_token(seq_len) * tokens_per_sec / (peak * world)  # all ranks' tokens
         return out
 
     batches = _batches_forever(train_data)
@@ -422,7 +431,7 @@ def train(
         total=cfg.max_steps,
         initial=step,
         desc="train",
-        disable=None if cfg.progress is None else not cfg.progress,
+        disable=rank != 0 or (None if cfg.progress is None else not cfg.progress),
         unit="step",
     )
     # Step losses and gradient norms stay on the device until a log step, a checkpoint or the end reads them:
@@ -431,8 +440,12 @@ def train(
     window_tokens, t0 = 0, time.perf_counter()
     start_time, start_tokens = t0, tokens_seen
 
+    def window_losses() -> list[float]:
+        """The window's step losses, averaged over ranks (each rank's loss is the mean over its rows)."""
+        return distributed.mean_across_ranks(torch.stack([loss for _, loss, _ in window])).tolist()
+
     def check_finite() -> None:
-        losses = torch.stack([loss for _, loss, _ in window]).tolist() if window else []
+        losses = window_losses() if window else []
         for (bad_step, _, _), value in zip(window, losses, strict=True):
             if not math.isfinite(value):
                 where = (
@@ -454,13 +467,17 @@ def train(
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         seq_len = 0
-        for _ in range(cfg.grad_accum_steps):
-            batch = to_device(next(batches), device)
-            with autocast_context(precision, device.type):
-                loss = loss_fn(fwd, batch)
-            (loss / cfg.grad_accum_steps).backward()
+        for micro in range(cfg.grad_accum_steps):
+            global_batch = next(batches)
+            batch = to_device(distributed.shard(global_batch, rank, world), device)
+            # Gradients are all-reduced once per optimizer step, in the last micro-batch's backward.
+            sync = world == 1 or micro == cfg.grad_accum_steps - 1
+            with nullcontext() if sync else ddp.no_sync():
+                with autocast_context(precision, device.type):
+                    loss = loss_fn(fwd, batch)
+                (loss / cfg.grad_accum_steps).backward()
             step_loss += loss.detach().float() / cfg.grad_accum_steps
-            n_tokens, seq_len = _count_tokens(batch), _seq_len(batch)
+            n_tokens, seq_len = _count_tokens(global_batch), _seq_len(batch)
             tokens_seen += n_tokens
             window_tokens += n_tokens
         # The norm before clipping (an infinite bound clips nothing), logged as grad_norm.
@@ -482,7 +499,7 @@ def train(
             check_finite()
         if step % cfg.log_interval == 0 or is_last:
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            losses = torch.stack([loss for _, loss, _ in window]).tolist()
+            losses = window_losses()
             # With eval_train the evaluations measure train_loss; the log rows carry the step losses.
             row["step_loss" if cfg.eval_train else "train_loss"] = sum(losses) / len(losses)
             row.update(grad_norm=float(window[-1][2]), lr=lr, tokens_seen=tokens_seen)
@@ -496,10 +513,12 @@ def train(
             row["step"] = step
             history.append(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss")})
-            if callback is not None:
+            if callback is not None and rank == 0:
                 callback(step, {k: v for k, v in row.items() if k != "step"})
         if is_checkpoint:
-            checkpointer.save(model, snapshot())
+            if rank == 0:  # the replicas are identical: one writer
+                checkpointer.save(model, snapshot())
+            distributed.barrier()
             last_good = step
     bar.close()
     total_time = max(time.perf_counter() - start_time, 1e-9)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gptlab import lora
+from gptlab import distributed, lora
 from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.classify import (
@@ -41,7 +41,8 @@ from gptlab.tokenizer import GPT2Tokenizer
 from gptlab.train import TrainConfig, train
 from stages import tracking
 from stages.adapters import LoraParams, add_adapters, finish_adapters
-from stages.entry import resolve_device, stage_main
+from stages.entry import stage_main
+from stages.launch import LaunchParams, prepare
 from stages.params import check_choice, load_section
 from stages.plots import plot_confusion, plot_curves, write_history_csv
 
@@ -72,6 +73,9 @@ class ClassifyParams:
     DataLoader)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
+    launch: LaunchParams = field(default_factory=LaunchParams)
+    """Processes and nodes: more than one trains data-parallel under ``torchrun`` (:mod:`stages.launch`);
+    ``batch_size`` is the global batch."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -201,11 +205,13 @@ def main() -> None:
     parser.add_argument("--confusion-json", type=Path, required=True)
     args = parser.parse_args()
     params = load_section("classify", ClassifyParams)
+    device = prepare("classify", params.launch, params.device)
+    if not distributed.is_main():  # train in lockstep with rank 0, which writes and logs everything
+        classify(params, args.base, args.data, device)
+        return
 
     with tracking.stage_run("classify", params):
-        out = classify(
-            params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
-        )
+        out = classify(params, args.base, args.data, device, callback=tracking.metrics_logger())
         save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
         write_json(args.metrics, out.metrics)
         write_json(args.confusion_json, {"labels": list(LABELS), "matrix": out.confusion, "split": "test"})

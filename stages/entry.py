@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,8 +28,12 @@ def stage_main(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
 
 
 def resolve_device(device: str) -> str:
+    """``auto``: CUDA if present, else the CPU. Under ``torchrun`` each rank takes the GPU of its local rank."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     return device

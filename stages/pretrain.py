@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gptlab import distributed
 from gptlab.batches import ORDERS, WindowLoader
 from gptlab.checkpoint import Checkpointer, save_checkpoint
 from gptlab.config import GPTConfig
@@ -29,7 +30,8 @@ from gptlab.model import GPT, INIT_SCHEMES
 from gptlab.tokenizer import EOT_ID, decode, encode
 from gptlab.train import TrainConfig, train
 from stages import tracking
-from stages.entry import resolve_device, stage_main
+from stages.entry import stage_main
+from stages.launch import LaunchParams, prepare
 from stages.params import ParamsError, check_choice, load_section
 from stages.plots import plot_curves, write_history_csv
 
@@ -52,6 +54,9 @@ class PretrainParams:
     """Shuffled order of the windows (gptlab.batches.ORDERS): ``seeded`` (a permutation per epoch from
     ``train.seed``) or ``torch`` (drawn from the global torch RNG as the book's DataLoader does)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchParams = field(default_factory=LaunchParams)
+    """Processes and nodes (more than one: data-parallel under ``torchrun``, :mod:`stages.launch`); ``batch_size``
+    is the global batch, split across the processes."""
     device: str = "auto"
     sample_prompts: list[str] = field(default_factory=lambda: ["Every effort moves you"])
     sample_max_new_tokens: int = 40
@@ -159,9 +164,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="resumable in-progress checkpoints")
     args = parser.parse_args()
     params = load_section("pretrain", PretrainParams)
-    device = resolve_device(params.device)
+    device = prepare("pretrain", params.launch, params.device)
     manifest = json.loads((args.tokens / "manifest.json").read_text())
     work = args.work / run_fingerprint(params, manifest)
+    if not distributed.is_main():  # train in lockstep with rank 0, which writes everything
+        distributed.barrier()  # after rank 0 has cleared other runs' work directories
+        pretrain(params, args.tokens, work, device)
+        return
     if args.work.is_dir():  # other params' interrupted runs: this run replaces the pipeline's output anyway
         for stale in args.work.iterdir():
             if stale == work:
@@ -172,6 +181,7 @@ def main() -> None:
                 stale.unlink()
     if work.exists():
         print(f"pretrain: resuming from {work}")
+    distributed.barrier()
 
     with tracking.stage_run("pretrain", params):
         model, result = pretrain(
@@ -194,6 +204,7 @@ def main() -> None:
             "val_perplexity": math.exp(min(result.val_loss, 50.0)),
             "steps": result.step,
             "precision": result.precision,
+            "processes": distributed.world_size(),
             "tokens_seen": result.tokens_seen,
             "num_params": model.num_params(),
         }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptlab import distributed
 from gptlab.batches import ORDERS, ListBatches
 from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.fileio import write_json
@@ -25,7 +26,8 @@ from gptlab.responses import generate_responses
 from gptlab.train import TrainConfig, lm_loss, train
 from stages import tracking
 from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
-from stages.entry import resolve_device, stage_main
+from stages.entry import stage_main
+from stages.launch import LaunchParams, prepare
 from stages.params import check_choice, load_section
 from stages.plots import plot_curves, write_history_csv
 from stages.records import load_splits
@@ -60,6 +62,9 @@ class SftParams:
     """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
     max_new_tokens: int = 256
     """Response length limit when generating test-set responses."""
+    launch: LaunchParams = field(default_factory=LaunchParams)
+    """Processes and nodes: more than one trains data-parallel under ``torchrun`` (:mod:`stages.launch`);
+    ``batch_size`` is the global batch."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -152,11 +157,13 @@ def main() -> None:
     parser.add_argument("--responses-table", type=Path, required=True, help="the same as Parquet")
     args = parser.parse_args()
     params = load_section("sft", SftParams)
+    device = prepare("sft", params.launch, params.device)
+    if not distributed.is_main():  # train in lockstep with rank 0, which writes and logs everything
+        finetune(params, args.base, args.data, device)
+        return
 
     with tracking.stage_run("sft", params):
-        out = finetune(
-            params, args.base, args.data, resolve_device(params.device), callback=tracking.metrics_logger()
-        )
+        out = finetune(params, args.base, args.data, device, callback=tracking.metrics_logger())
         save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
         write_responses(out.responses, args.responses, args.responses_table)
         write_json(args.metrics, out.metrics)

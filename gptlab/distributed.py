@@ -1,0 +1,72 @@
+"""Data-parallel training across processes (``torchrun``): the process group, ranks, and batch sharding.
+
+PyTorch's DistributedDataParallel (Li et al., "PyTorch Distributed", VLDB 2020): every rank holds the whole model,
+reads the same global batch, trains on its own slice of the rows, and gradients are averaged across ranks before
+each optimizer step, so N ranks with a global batch B take the step one process takes on B. ``torchrun`` sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; :func:`init_from_env` joins the group (gloo on
+CPU, NCCL on CUDA). Without those variables everything here is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device_type: str = "cpu") -> bool:
+    """Join the process group ``torchrun`` describes (once); False when this is a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that logs, writes files and talks to MLflow."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over all ranks (identity for one process)."""
+    if world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / world_size()
+
+
+def shard(batch: Any, index: int, count: int) -> Any:
+    """Rank ``index`` of ``count``'s contiguous share of a global batch: rows ``[index * B/count, (index + 1) *
+    B/count)`` of every tensor in it (a tensor, or tuples, lists and dicts of tensors)."""
+    if count == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % count:
+            raise ValueError(
+                f"a batch of {batch.shape[0]} rows does not split evenly over {count} processes: use a batch_size "
+                "that is a multiple of the process count, and drop_last: true where the data's size is not one"
+            )
+        per = batch.shape[0] // count
+        return batch[index * per : (index + 1) * per]
+    if isinstance(batch, tuple | list):
+        return type(batch)(shard(b, index, count) for b in batch)
+    if isinstance(batch, dict):
+        return {k: shard(v, index, count) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,161 @@
+"""Data-parallel training (:mod:`gptlab.distributed` + :func:`gptlab.train.train`) under ``torchrun`` with two CPU
+processes and gloo: the same global batch gives a single process's losses and weights, with gradient accumulation
+(one all-reduce per optimizer step) too, and a run stopped at its checkpoint resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_worker import run
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("tokens_per_sec", "peak_memory_mb", "mfu")
+
+
+def torchrun(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(REPO / "tests" / "ddp_worker.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def results(out: Path) -> tuple[list[dict], dict]:
+    history = json.loads((out / "history.json").read_text())
+    return history, torch.load(out / "weights.pt", weights_only=True)
+
+
+def assert_same_run(history, weights, ref) -> None:
+    assert len(history) == len(ref["history"])
+    for got, want in zip(history, ref["history"], strict=True):
+        assert set(got) == set(want)
+        for key in set(got) - set(TIMING):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    for name, tensor in ref["weights"].items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_ranks_reproduce_one_process(tmp_path, grad_accum) -> None:
+    ref = run(tmp_path / "single", grad_accum)
+    torchrun(str(tmp_path / "ddp"), str(grad_accum))
+    history, weights = results(tmp_path / "ddp")
+    assert_same_run(history, weights, ref)
+    assert [r["step"] for r in history if "val_loss" in r] == [4, 8]
+
+
+def test_stopped_ddp_run_resumes_from_its_checkpoint(tmp_path) -> None:
+    ref = run(tmp_path / "single")
+    # Stop after the step-4 checkpoint (max_steps=4, constant lr: the first half of the same run), then resume.
+    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4")
+    torchrun(str(tmp_path / "ddp"), "1", str(tmp_path / "ck"), "8")
+    history, weights = results(tmp_path / "ddp")
+    assert_same_run(history, weights, ref)
+    first, _ = results(tmp_path / "first")
+    assert (
+        history[:4] == first
+    )  # carried from the checkpoint, timing figures included: steps 1-4 did not rerun
+
+
+@pytest.mark.slow
+def test_pretrain_stage_relaunches_itself_under_torchrun(tmp_path) -> None:
+    """``dvc repro``'s command line with ``launch.nproc_per_node: 2``: the stage starts torchrun itself; rank 0
+    writes the same checkpoint and metrics a single process writes, and logs once."""
+    import numpy as np
+    import yaml
+
+    from gptlab.data import ShardWriter
+
+    with ShardWriter(tmp_path / "tokens", vocab_size=50257, tokenizer="gpt2", shard_size=4000) as w:
+        w.add(np.tile(np.random.default_rng(0).integers(0, 500, 64), 80))
+        w.finish(val_fraction=0.1)
+    params = yaml.safe_load((REPO / "profiles" / "sample.yaml").read_text())
+    section = params["pretrain"]
+    section.update(model="gpt-micro", model_overrides={"n_layer": 1, "dropout": 0.0}, context_length=32)
+    section["train"].update(max_steps=4, warmup_steps=0, eval_interval=2, log_interval=1, precision="fp32")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    metrics = {}
+    for n in (1, 2):
+        section["launch"]["nproc_per_node"] = n
+        run_dir = tmp_path / f"n{n}"
+        run_dir.mkdir()
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
+        outs = ["--model", "model", "--metrics", "m.json", "--loss-csv", "l.csv", "--loss-png", "l.png"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.pretrain", "--tokens", str(tmp_path / "tokens"), *outs]
+            + ["--samples", "s.json", "--work", "work"],
+            cwd=run_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "OMP_NUM_THREADS" not in proc.stderr
+        metrics[n] = json.loads((run_dir / "m.json").read_text())
+        assert proc.stdout.count("pretrain: val loss") == 1  # rank 0 alone reports
+    assert metrics[2]["processes"] == 2 and metrics[1]["processes"] == 1
+    assert metrics[2]["val_loss"] == pytest.approx(metrics[1]["val_loss"], rel=1e-5)
+    assert metrics[2]["tokens_seen"] == metrics[1]["tokens_seen"]
+    from safetensors.torch import load_file
+
+    one, two = (load_file(tmp_path / f"n{n}" / "model" / "model.safetensors") for n in (1, 2))
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["classify", "sft", "dpo"])
+def test_finetuning_stages_run_under_torchrun(tmp_path, stage) -> None:
+    """dvc.yaml's own command for the stage, with ``launch.nproc_per_node: 2``: two ranks train, rank 0 writes."""
+    import shlex
+    import shutil
+
+    import yaml
+    from stage_fixtures import tiny_checkpoint
+
+    params = yaml.safe_load((REPO / "profiles" / "sample.yaml").read_text())
+    for name in ("classify", "sft", "dpo"):
+        params[name]["launch"]["nproc_per_node"] = 2
+        params[name]["drop_last"] = True  # every batch splits evenly over the two processes
+        params[name]["train"].update(
+            max_steps=2, epochs=None, warmup_steps=0, eval_interval=1, precision="fp32"
+        )
+        if name != "classify":
+            params[name]["max_new_tokens"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_checkpoint(tmp_path / "models" / "base")
+    tiny_checkpoint(tmp_path / "models" / "sft", stage="sft", prompt_format="alpaca")
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    shutil.copy(REPO / "data" / "sample" / "SMSSpamCollection", raw / "sms_spam.tsv")
+    for name in ("instruction-data.json", "instruction-data-with-preference.json"):
+        shutil.copy(REPO / "data" / "sample" / name, raw / name)
+    cmd = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, *cmd[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{stage}: 2 processes (torchrun, 1 node(s))" in proc.stderr and "Traceback" not in proc.stderr
+    metrics = json.loads((tmp_path / "metrics" / f"{stage}.json").read_text())
+    assert metrics["precision"] == "fp32" and metrics.get("steps", 2) == 2
