@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.model import KVCache, set_dropout
+from gptlab.model import KVCache, init_normal, set_dropout
 
 FAMILIES = ("llama", "qwen3", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -363,7 +363,7 @@ class Decoder(nn.Module):
     """A Llama-family language model (or sequence classifier when ``config.num_classes`` is set).
 
     Initial weights: N(0, 0.02) for linear layers and embeddings, norms at their identity (as Hugging Face's
-    ``_init_weights``); real use starts from imported weights.
+    ``gptlab.model.init_normal``); real use starts from imported weights.
     """
 
     LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -377,7 +377,7 @@ class Decoder(nn.Module):
         self.model.norm = RMSNorm(config.n_embd, config.rms_norm_eps, config.norm_offset)
         out_features = config.num_classes or config.vocab_size
         self.lm_head = nn.Linear(config.n_embd, out_features, bias=config.num_classes is not None)
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         if config.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", self._inv_freq(local=False), persistent=False)
@@ -397,15 +397,6 @@ class Decoder(nn.Module):
         device = self.model.embed_tokens.weight.device
         self.inv_freq = self._inv_freq(local=False, device=device)
         self.inv_freq_local = self._inv_freq(local=True, device=device)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
     def blocks(self) -> nn.ModuleList:

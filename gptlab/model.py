@@ -116,6 +116,16 @@ INIT_SCHEMES = ("gpt2", "torch_default")
 """How :class:`GPT` draws its initial weights (see its docstring)."""
 
 
+def init_normal(module: nn.Module) -> None:
+    """GPT-2's initialisation of one layer: linear and embedding weights N(0, 0.02), biases 0 (``model.apply``)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every ``nn.Dropout`` and every attention's SDPA dropout rate (a float ``dropout`` attribute) to ``p``."""
     for module in model.modules():
@@ -159,7 +169,7 @@ class GPT(nn.Module):
             out_features = config.num_classes or config.embedding_rows
             self.lm_head = nn.Linear(config.n_embd, out_features, bias=config.num_classes is not None)
         if init == "gpt2":
-            self.apply(self._init_weights)
+            self.apply(init_normal)
             for name, p in self.named_parameters():
                 # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
                 # does not grow with depth.
@@ -170,15 +180,6 @@ class GPT(nn.Module):
             self._init_torch_default()
         if config.tied:
             self.lm_head.weight = self.transformer.wte.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @torch.no_grad()
     def _init_torch_default(self) -> None:

@@ -11,37 +11,44 @@ from typing import Any
 
 def dvc_stages(root: Path, target: str | None = None) -> list[dict[str, Any]]:
     """DVC's stages in a deterministic topological order (dependencies first), up to ``target`` if given."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return _stages(repo, target)
+
+
+def stages_if_up_to_date(root: Path, target: str | None = None) -> list[dict[str, Any]] | None:
+    """:func:`dvc_stages` when ``dvc status`` finds nothing to do for ``target`` and its dependencies, else None."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        if repo.status(targets=[target] if target else None, with_deps=True):
+            return None
+        return _stages(repo, target)
+
+
+def _stages(repo, target: str | None) -> list[dict[str, Any]]:
     import networkx as nx
-    from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        stages = {s.addressing: s for s in graph.nodes}
-        if target is not None:
-            if target not in stages:
-                raise ValueError(f"unknown stage {target!r}; dvc.yaml has: {', '.join(stages)}")
-            keep = {s.addressing for s in nx.descendants(graph, stages[target])} | {target}
-        else:
-            keep = set(stages)
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
-        return [
-            {
-                "name": s.addressing,
-                "metrics": [o.def_path for o in s.outs if o.metric],
-                "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
-                "work": work_dirs(s.cmd),
-            }
-            for s in order
-            if s.addressing in keep
-        ]
-
-
-def all_up_to_date(root: Path, target: str | None = None) -> bool:
-    """Whether ``dvc status`` finds nothing to do for ``target`` (every stage, if None) and its dependencies."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return not repo.status(targets=[target] if target else None, with_deps=True)
+    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    stages = {s.addressing: s for s in graph.nodes}
+    if target is not None:
+        if target not in stages:
+            raise ValueError(f"unknown stage {target!r}; dvc.yaml has: {', '.join(stages)}")
+        keep = {s.addressing for s in nx.descendants(graph, stages[target])} | {target}
+    else:
+        keep = set(stages)
+    order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
+    return [
+        {
+            "name": s.addressing,
+            "metrics": [o.def_path for o in s.outs if o.metric],
+            "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
+            "work": work_dirs(s.cmd),
+        }
+        for s in order
+        if s.addressing in keep
+    ]
 
 
 def work_dirs(cmd: str | list[str]) -> list[str]:

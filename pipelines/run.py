@@ -123,13 +123,13 @@ def summary(run_id: str, stages: list[tuple[str, bool]]) -> str:
 def nothing_to_do(target: str | None, run_id: str) -> bool:
     """When ``dvc status`` says every stage is up to date, say so and skip starting Prefect's temporary server
     (most of a no-op run's time): a run with nothing to do records nothing in Prefect or MLflow."""
-    from pipelines.graph import all_up_to_date, dvc_stages, sweep_work
+    from pipelines.graph import stages_if_up_to_date, sweep_work
 
     try:
-        if not all_up_to_date(ROOT, target):
-            return False
-        stages = dvc_stages(ROOT, target)
+        stages = stages_if_up_to_date(ROOT, target)
     except Exception:  # noqa: BLE001 - a broken project is the full run's to report, with its log
+        return False
+    if stages is None:
         return False
     for stage in stages:
         sweep_work(ROOT, stage["work"])
