@@ -5,10 +5,14 @@ reads the same global batch, trains on its own slice of the rows, and gradients 
 each optimizer step, so N ranks with a global batch B take the step one process takes on B. ``torchrun`` sets
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; :func:`init_from_env` joins the group (gloo on
 CPU, NCCL on CUDA). Without those variables everything here is the single-process identity.
+
+Fully sharded data parallel (FSDP2) trains a sharded copy of the model with the same data split and the same
+gradient average, so DDP and FSDP take the same steps; see :func:`shard_model`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -70,3 +74,48 @@ def shard(batch: Any, index: int, count: int) -> Any:
     if isinstance(batch, dict):
         return {k: shard(v, index, count) for k, v in batch.items()}
     return batch
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A fully sharded copy of ``model`` for training (FSDP2, ``torch.distributed.fsdp.fully_shard``; Zhao et al.,
+    "PyTorch FSDP", VLDB 2023): each transformer block is one all-gather unit, the embeddings, final norm and
+    head are the root's; every rank keeps 1/world of the parameters, gradients and optimizer state.
+
+    ``model`` itself stays whole on every rank (refreshed by :func:`copy_full_weights`), so evaluation, sampling
+    and saving see an ordinary module and need no collectives."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    for block in sharded.blocks:
+        fully_shard(block)
+    fully_shard(sharded)
+    return sharded
+
+
+def copy_full_weights(sharded: torch.nn.Module, into: torch.nn.Module) -> None:
+    """All-gather ``sharded``'s parameters into ``into`` (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        into.load_state_dict(full)
+
+
+def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's whole state keyed by parameter name, gathered on rank 0 (``torch.distributed.checkpoint``'s
+    state-dict API; empty on the other ranks). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        sharded, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_full_optimizer_state(
+    sharded: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Shard a state from :func:`full_optimizer_state` (read by every rank) into ``optimizer``; the world size
+    may differ from the run that saved it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(sharded, optimizer, state, options=StateDictOptions(full_state_dict=True))

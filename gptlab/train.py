@@ -102,6 +102,9 @@ class TrainConfig:
     AVX512-BF16, as torch reports them), else fp32; or ``bf16`` / ``fp32`` explicitly."""
     compile: bool | None = None
     """Wrap the model in ``torch.compile``; None: on CUDA only (on CPU compiling costs more than it saves)."""
+    parallelism: str = "ddp"
+    """With several processes (``torchrun``): ``ddp`` (every rank holds the whole model, gradients all-reduced)
+    or ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded over the ranks). One process: unused."""
     progress: bool | None = None
     """Show a progress bar: True, False, or None for only on a terminal (display only: not a result param)."""
 
@@ -124,6 +127,8 @@ class TrainConfig:
             raise ValueError(
                 f"weight_decay_scope must be 'matrices' or 'all', got {self.weight_decay_scope!r}"
             )
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
@@ -372,21 +377,35 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for what stays in fp32
         torch.backends.cudnn.allow_tf32 = True
     model.to(device)
-    optimizer = configure_optimizer(model, cfg, device.type)
     step, tokens_seen, history = 0, 0, []
     resumed = checkpointer.load_state() if checkpointer is not None else None
     if resumed is not None:
         checkpointer.load_weights(model)
         model.to(device)
-        optimizer.load_state_dict(resumed["optimizer"])
+    world, rank = distributed.world_size(), distributed.rank()
+    fsdp = world > 1 and cfg.parallelism == "fsdp"
+    # `trained` is the module the optimizer updates: the model itself, or under FSDP its sharded copy, whose
+    # weights are gathered back into `model` before anything reads it (evaluation, callbacks, checkpoints).
+    trained = distributed.shard_model(model) if fsdp else model
+    optimizer = configure_optimizer(trained, cfg, device.type)
+    if resumed is not None:
+        layout = resumed.get("optimizer_layout", "replicated")
+        if layout != ("sharded" if fsdp else "replicated"):
+            raise ValueError(
+                f"{getattr(checkpointer, 'directory', 'the checkpoint')}: written by a "
+                f"{'parallelism: fsdp' if layout == 'sharded' else 'single-process or ddp'} run; resume it the same way"
+            )
+        if fsdp:
+            distributed.load_full_optimizer_state(trained, optimizer, resumed["optimizer"])
+        else:
+            optimizer.load_state_dict(resumed["optimizer"])
         train_data.load_state_dict(resumed["data"])
         step, tokens_seen, history = resumed["step"], resumed["tokens_seen"], resumed["history"]
         _set_rng_state(resumed["rng"])
     last_good = step if resumed is not None else None  # step of the newest checkpoint on disk
     compile_model = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    world, rank = distributed.world_size(), distributed.rank()
-    ddp = model
-    if world > 1:  # data parallel: gradients averaged across ranks inside backward()
+    ddp = trained
+    if world > 1 and not fsdp:  # data parallel: gradients averaged across ranks inside backward()
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -394,11 +413,12 @@ def train(
     peak = peak_flops(device)
     flops_per_token = getattr(model, "flops_per_token", None)
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(optimizer_state: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": step,
             "tokens_seen": tokens_seen,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "optimizer_layout": "sharded" if fsdp else "replicated",
             "data": train_data.state_dict(),
             "rng": _rng_state(),
             "history": history,
@@ -427,6 +447,7 @@ def train(
 
     batches = _batches_forever(train_data)
     model.train()
+    trained.train()
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
@@ -472,7 +493,9 @@ def train(
             batch = to_device(distributed.shard(global_batch, rank, world), device)
             # Gradients are all-reduced once per optimizer step, in the last micro-batch's backward.
             sync = world == 1 or micro == cfg.grad_accum_steps - 1
-            with nullcontext() if sync else ddp.no_sync():
+            if fsdp:
+                trained.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or fsdp else ddp.no_sync():
                 with autocast_context(precision, device.type):
                     loss = loss_fn(fwd, batch)
                 (loss / cfg.grad_accum_steps).backward()
@@ -482,7 +505,9 @@ def train(
             window_tokens += n_tokens
         # The norm before clipping (an infinite bound clips nothing), logged as grad_norm.
         bound = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), bound)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), bound)
+        if fsdp:
+            grad_norm = grad_norm.full_tensor()  # the sharded norm, reduced over ranks
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -497,6 +522,8 @@ def train(
         row: dict[str, float] = {}
         if step % cfg.log_interval == 0 or is_eval or is_checkpoint:
             check_finite()
+            if fsdp:  # evaluation, callbacks and checkpoints read the whole model
+                distributed.copy_full_weights(trained, model)
         if step % cfg.log_interval == 0 or is_last:
             elapsed = max(time.perf_counter() - t0, 1e-9)
             losses = window_losses()
@@ -516,8 +543,9 @@ def train(
             if callback is not None and rank == 0:
                 callback(step, {k: v for k, v in row.items() if k != "step"})
         if is_checkpoint:
-            if rank == 0:  # the replicas are identical: one writer
-                checkpointer.save(model, snapshot())
+            state = distributed.full_optimizer_state(trained, optimizer) if fsdp else optimizer.state_dict()
+            if rank == 0:  # the replicas are identical (or gathered): one writer
+                checkpointer.save(model, snapshot(state))
             distributed.barrier()
             last_good = step
     bar.close()

@@ -1,6 +1,7 @@
 """One training run for tests/test_distributed.py: in-process (one rank), or under ``torchrun`` (each rank).
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [GRAD_ACCUM] [CHECKPOINT_DIR MAX_STEPS]
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [GRAD_ACCUM [CHECKPOINT_DIR|- [MAX_STEPS
+        [ddp|fsdp]]]]
 
 Rank 0 writes the history and the final weights to OUT_DIR.
 """
@@ -45,7 +46,13 @@ class Batches:
         self.position = state["position"]
 
 
-def run(out: Path, grad_accum: int = 1, checkpoint: Path | None = None, max_steps: int = 8) -> dict:
+def run(
+    out: Path,
+    grad_accum: int = 1,
+    checkpoint: Path | None = None,
+    max_steps: int = 8,
+    parallelism: str = "ddp",
+) -> dict:
     distributed.init_from_env("cpu")
     torch.manual_seed(42)
     model = GPT(GPTConfig.from_name("gpt-nano", context_length=16, dropout=0.0))
@@ -62,6 +69,7 @@ def run(out: Path, grad_accum: int = 1, checkpoint: Path | None = None, max_step
         precision="fp32",
         progress=False,
         seed=7,
+        parallelism=parallelism,
     )
     result = train(
         model,
@@ -82,6 +90,7 @@ if __name__ == "__main__":
     run(
         Path(args[0]),
         int(args[1]) if len(args) > 1 else 1,
-        Path(args[2]) if len(args) > 2 else None,
+        Path(args[2]) if len(args) > 2 and args[2] != "-" else None,
         int(args[3]) if len(args) > 3 else 8,
+        args[4] if len(args) > 4 else "ddp",
     )

@@ -46,26 +46,45 @@ def assert_same_run(history, weights, ref) -> None:
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_ranks_reproduce_one_process(tmp_path, grad_accum) -> None:
+def test_two_ranks_reproduce_one_process(tmp_path, grad_accum, parallelism) -> None:
     ref = run(tmp_path / "single", grad_accum)
-    torchrun(str(tmp_path / "ddp"), str(grad_accum))
-    history, weights = results(tmp_path / "ddp")
+    torchrun(str(tmp_path / "multi"), str(grad_accum), "-", "8", parallelism)
+    history, weights = results(tmp_path / "multi")
     assert_same_run(history, weights, ref)
     assert [r["step"] for r in history if "val_loss" in r] == [4, 8]
 
 
-def test_stopped_ddp_run_resumes_from_its_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_stopped_run_resumes_from_its_checkpoint(tmp_path, parallelism) -> None:
     ref = run(tmp_path / "single")
     # Stop after the step-4 checkpoint (max_steps=4, constant lr: the first half of the same run), then resume.
-    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4")
-    torchrun(str(tmp_path / "ddp"), "1", str(tmp_path / "ck"), "8")
-    history, weights = results(tmp_path / "ddp")
+    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4", parallelism)
+    torchrun(str(tmp_path / "multi"), "1", str(tmp_path / "ck"), "8", parallelism)
+    history, weights = results(tmp_path / "multi")
     assert_same_run(history, weights, ref)
     first, _ = results(tmp_path / "first")
     assert (
         history[:4] == first
     )  # carried from the checkpoint, timing figures included: steps 1-4 did not rerun
+
+
+def test_fsdp_checkpoint_is_an_ordinary_checkpoint_with_sharded_optimizer_state(tmp_path) -> None:
+    """FSDP's checkpoint holds the whole model (safetensors, as every stage reads) and the optimizer state gathered by
+    parameter name; a single-process run refuses to resume it with a message instead of mis-reading it."""
+    from gptlab.checkpoint import load_checkpoint
+
+    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4", "fsdp")
+    model, _ = load_checkpoint(tmp_path / "ck")
+    _, weights = results(tmp_path / "first")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name])
+    state = torch.load(tmp_path / "ck" / "training_state.pt", weights_only=True)
+    assert state["optimizer_layout"] == "sharded"
+    assert "transformer.h.0.attn.c_attn.weight" in state["optimizer"]["state"]
+    with pytest.raises(ValueError, match="parallelism: fsdp.*resume it the same way"):
+        run(tmp_path / "single", 1, tmp_path / "ck", 8)
 
 
 @pytest.mark.slow
@@ -90,9 +109,10 @@ def test_pretrain_stage_relaunches_itself_under_torchrun(tmp_path) -> None:
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     metrics = {}
-    for n in (1, 2):
+    for n, parallelism in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
         section["launch"]["nproc_per_node"] = n
-        run_dir = tmp_path / f"n{n}"
+        section["train"]["parallelism"] = parallelism
+        run_dir = tmp_path / f"n{n}-{parallelism}"
         run_dir.mkdir()
         (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
         outs = ["--model", "model", "--metrics", "m.json", "--loss-csv", "l.csv", "--loss-png", "l.png"]
@@ -107,22 +127,29 @@ def test_pretrain_stage_relaunches_itself_under_torchrun(tmp_path) -> None:
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "OMP_NUM_THREADS" not in proc.stderr
-        metrics[n] = json.loads((run_dir / "m.json").read_text())
+        metrics[run_dir.name] = json.loads((run_dir / "m.json").read_text())
         assert proc.stdout.count("pretrain: val loss") == 1  # rank 0 alone reports
-    assert metrics[2]["processes"] == 2 and metrics[1]["processes"] == 1
-    assert metrics[2]["val_loss"] == pytest.approx(metrics[1]["val_loss"], rel=1e-5)
-    assert metrics[2]["tokens_seen"] == metrics[1]["tokens_seen"]
     from safetensors.torch import load_file
 
-    one, two = (load_file(tmp_path / f"n{n}" / "model" / "model.safetensors") for n in (1, 2))
-    for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
+    one = load_file(tmp_path / "n1-ddp" / "model" / "model.safetensors")
+    assert metrics["n1-ddp"]["processes"] == 1
+    for name in ("n2-ddp", "n2-fsdp"):
+        assert metrics[name]["processes"] == 2
+        assert metrics[name]["val_loss"] == pytest.approx(metrics["n1-ddp"]["val_loss"], rel=1e-5)
+        assert metrics[name]["tokens_seen"] == metrics["n1-ddp"]["tokens_seen"]
+        two = load_file(tmp_path / name / "model" / "model.safetensors")
+        for key, tensor in one.items():
+            torch.testing.assert_close(two[key], tensor, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["classify", "sft", "dpo"])
-def test_finetuning_stages_run_under_torchrun(tmp_path, stage) -> None:
-    """dvc.yaml's own command for the stage, with ``launch.nproc_per_node: 2``: two ranks train, rank 0 writes."""
+@pytest.mark.parametrize(
+    "stage, parallelism",
+    [("classify", "ddp"), ("sft", "ddp"), ("dpo", "ddp"), ("classify", "fsdp"), ("dpo", "fsdp")],
+)
+def test_finetuning_stages_run_under_torchrun(tmp_path, stage, parallelism) -> None:
+    """dvc.yaml's own command for the stage, with ``launch.nproc_per_node: 2``: two ranks train, rank 0 writes.
+    FSDP covers a partly frozen model (classify trains the last block and head) and DPO's frozen reference."""
     import shlex
     import shutil
 
@@ -134,7 +161,12 @@ def test_finetuning_stages_run_under_torchrun(tmp_path, stage) -> None:
         params[name]["launch"]["nproc_per_node"] = 2
         params[name]["drop_last"] = True  # every batch splits evenly over the two processes
         params[name]["train"].update(
-            max_steps=2, epochs=None, warmup_steps=0, eval_interval=1, precision="fp32"
+            max_steps=2,
+            epochs=None,
+            warmup_steps=0,
+            eval_interval=1,
+            precision="fp32",
+            parallelism=parallelism,
         )
         if name != "classify":
             params[name]["max_new_tokens"] = 2
