@@ -28,6 +28,16 @@ HUB_REPOS = {
 }
 """Names of :data:`gptlab.decoder.PRESETS` -> their hub repos (``smollm2-135m-instruct`` comes from PyPI)."""
 
+EXPECTED = "a directory, a .gguf file, a hub repo id (org/name) or a known model"
+
+
+class UnknownModelError(ValueError):
+    """``src`` is no path, known name or repo id; ``names`` are the known names (callers may offer more)."""
+
+    def __init__(self, src: str, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"{src}: expected {EXPECTED} ({', '.join(names)})")
+
 
 def load_pretrained(
     src: str | Path, *, revision: str = "main", endpoint: str | None = None, progress: bool = True
@@ -72,10 +82,7 @@ def load_pretrained(
         )
         model, tokenizer = _load_hf_dir(directory, None, name=text)
         return model, tokenizer, f"hub:{HUB_REPOS.get(text, text)}@{revision}"
-    names = ", ".join([*WHEEL_MODELS, *GPT2_REPOS, *HUB_REPOS])
-    raise ValueError(
-        f"{src}: expected a directory, a .gguf file, a hub repo id (org/name) or a known model ({names})"
-    )
+    raise UnknownModelError(text, [*WHEEL_MODELS, *GPT2_REPOS, *HUB_REPOS])
 
 
 def _load_hf_dir(path: Path, config: dict | None, *, name: str | None = None):

@@ -19,7 +19,7 @@ from gptlab.batches import ArrayStream, WindowLoader
 from gptlab.checkpoint import architecture, load_checkpoint, load_tokenizer, save_checkpoint
 from gptlab.data import TokenStream
 from gptlab.fileio import write_json
-from gptlab.importing import load_pretrained
+from gptlab.importing import EXPECTED, UnknownModelError, load_pretrained
 from gptlab.tokenizer import decode
 from gptlab.train import evaluate
 from stages import tracking
@@ -48,12 +48,12 @@ def load_base(params: BaseModelParams, pretrained: Path):
         return load_checkpoint(pretrained)[0], load_tokenizer(pretrained), f"pretrain:{pretrained}"
     try:
         return load_pretrained(params.source, progress=False)
+    except UnknownModelError as exc:  # 'pretrain' is one more choice here
+        raise ValueError(
+            f"base_model.source {params.source!r}: expected 'pretrain', {EXPECTED} ({', '.join(exc.names)})"
+        ) from None
     except ValueError as exc:
-        message = str(exc)
-        if message.startswith(f"{params.source}: "):
-            message = message[len(params.source) + 2 :]
-        if message.startswith("expected a directory"):  # an unknown name: pretrain is one more choice here
-            message = "expected 'pretrain', a directory" + message[len("expected a directory") :]
+        message = str(exc).removeprefix(f"{params.source}: ")  # the field names the source already
         raise ValueError(f"base_model.source {params.source!r}: {message}") from None
 
 
