@@ -81,8 +81,8 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     "PyTorch FSDP", VLDB 2023): each transformer block is one all-gather unit, the embeddings, final norm and
     head are the root's; every rank keeps 1/world of the parameters, gradients and optimizer state.
 
-    ``model`` itself stays whole on every rank (refreshed by :func:`copy_full_weights`), so evaluation, sampling
-    and saving see an ordinary module and need no collectives."""
+    ``model`` itself stays an ordinary module for evaluation, sampling and saving: its parameters are emptied
+    (:func:`release_weights`) while training and gathered back into it (:func:`copy_full_weights`) when read."""
     from torch.distributed.fsdp import fully_shard
 
     sharded = copy.deepcopy(model)
@@ -92,13 +92,20 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return sharded
 
 
+def release_weights(model: torch.nn.Module) -> None:
+    """Free ``model``'s parameter storage (the Parameter objects, and so weight tying, stay) until
+    :func:`copy_full_weights` fills them again: FSDP's memory saving would be lost to a whole idle replica."""
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
 def copy_full_weights(sharded: torch.nn.Module, into: torch.nn.Module) -> None:
     """All-gather ``sharded``'s parameters into ``into`` (collective: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-    with torch.no_grad():
-        into.load_state_dict(full)
+    for name, p in into.named_parameters():  # a tied parameter is listed once and filled once
+        p.data = full[name].to(p.dtype)
 
 
 def full_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -385,8 +385,10 @@ def train(
     world, rank = distributed.world_size(), distributed.rank()
     fsdp = world > 1 and cfg.parallelism == "fsdp"
     # `trained` is the module the optimizer updates: the model itself, or under FSDP its sharded copy, whose
-    # weights are gathered back into `model` before anything reads it (evaluation, callbacks, checkpoints).
+    # weights are gathered into `model` only while something reads it (evaluation, callbacks, checkpoints).
     trained = distributed.shard_model(model) if fsdp else model
+    if fsdp:
+        distributed.release_weights(model)
     optimizer = configure_optimizer(trained, cfg, device.type)
     if resumed is not None:
         layout = resumed.get("optimizer_layout", "replicated")
@@ -520,10 +522,12 @@ def train(
         )
         is_eval = is_eval_step(step, cfg) or is_last
         row: dict[str, float] = {}
+        gathered = False
         if step % cfg.log_interval == 0 or is_eval or is_checkpoint:
             check_finite()
             if fsdp:  # evaluation, callbacks and checkpoints read the whole model
                 distributed.copy_full_weights(trained, model)
+                gathered = True
         if step % cfg.log_interval == 0 or is_last:
             elapsed = max(time.perf_counter() - t0, 1e-9)
             losses = window_losses()
@@ -548,7 +552,11 @@ def train(
                 checkpointer.save(model, snapshot(state))
             distributed.barrier()
             last_good = step
+        if gathered:
+            distributed.release_weights(model)
     bar.close()
+    if fsdp:  # the caller gets the trained model whole
+        distributed.copy_full_weights(trained, model)
     total_time = max(time.perf_counter() - start_time, 1e-9)
     return TrainResult(
         step=step,
