@@ -29,6 +29,8 @@ FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-dev-shm-usage",  # containers' /dev/shm is often too small for Chromium
+    "--no-proxy-server",  # the page and its server are on loopback
     "--hide-scrollbars",
 )
 MESSAGES = (

@@ -52,6 +52,8 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-dev-shm-usage",  # containers' /dev/shm is often too small for Chromium
+    "--no-proxy-server",  # the page and its server are on loopback
     "--window-size=1280,900",
 )
 GREEDY = Options(temperature=0.0, top_k=40, num_predict=12)
@@ -141,7 +143,8 @@ def chat_page(tmp_path: Path) -> Iterator[Callable[[str], str]]:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # Selenium talks to chromedriver over loopback
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
