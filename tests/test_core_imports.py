@@ -31,6 +31,7 @@ PIPELINE_ONLY = (
     "uvicorn",
     "matplotlib",
     "transformers",
+    "gradio",
 )
 
 
