@@ -85,7 +85,14 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     (:func:`release_weights`) while training and gathered back into it (:func:`copy_full_weights`) when read."""
     from torch.distributed.fsdp import fully_shard
 
+    # The copy shares the weights' storage until fully_shard has cut its shards from them: a whole model's
+    # memory, not two, at the start.
+    weights = [p.data for p in model.parameters()]
+    release_weights(model)
     sharded = copy.deepcopy(model)
+    for params in (model.parameters(), sharded.parameters()):
+        for p, data in zip(params, weights, strict=True):
+            p.data = data
     for block in sharded.blocks:
         fully_shard(block)
     fully_shard(sharded)
