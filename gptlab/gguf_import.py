@@ -7,20 +7,26 @@ time, each assigned into a model built on the meta device, so the float32 weight
 llama.cpp's names map to Hugging Face's (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
 two conversions of llama.cpp's own undone as ``transformers`` undoes them: Llama's query/key rows are stored
 interleaved for llama.cpp's RoPE and are permuted back to the rotate-half layout, and Gemma's norm weights are
-stored as ``1 + w``. Supported architectures: ``llama`` (Llama 3.x, SmolLM2), ``qwen3``, ``gemma3``.
+stored as ``1 + w``. Supported architectures: ``llama`` (Llama 3.x, SmolLM2), ``qwen3``, ``gemma3``, and ``gpt2``
+into :class:`gptlab.model.GPT` (GPT-2's tensors are stored as torch's ``(out, in)``: nothing to undo), with
+tiktoken's GPT-2 tokenizer when the file's vocabulary is GPT-2's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from gptlab.config import GPTConfig
 from gptlab.decoder import Decoder, DecoderConfig
 from gptlab.hf_import import assign_state
 from gptlab.hf_tokenizer import HFTokenizer
+from gptlab.model import GPT
+from gptlab.tokenizer import ENDOFTEXT, EOT_ID, VOCAB_SIZE, GPT2Tokenizer
 
 ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3"}
 _TENSORS = {
@@ -44,6 +50,23 @@ _BLOCK = {
 }
 
 
+_GPT2_TENSORS = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+
+
 class GGUFImportError(ValueError):
     """A GGUF file that cannot be imported; the message names the file and the problem."""
 
@@ -53,12 +76,37 @@ def read_metadata(reader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
+def gpt2_config_from_gguf(meta: dict[str, Any], *, name: str = "custom", source: str = "GGUF") -> GPTConfig:
+    """The :class:`GPTConfig` of a ``gpt2`` GGUF file (biases everywhere, as llama.cpp's graph has them)."""
+
+    def get(key: str) -> Any:
+        if f"gpt2.{key}" not in meta:
+            raise GGUFImportError(f"{source}: metadata gpt2.{key} is missing")
+        return meta[f"gpt2.{key}"]
+
+    n_embd = int(get("embedding_length"))
+    if int(get("feed_forward_length")) != 4 * n_embd:
+        raise GGUFImportError(f"{source}: gpt2.feed_forward_length must be 4 x embedding_length")
+    try:
+        return GPTConfig(
+            name=name,
+            vocab_size=len(meta.get("tokenizer.ggml.tokens") or []),
+            context_length=int(get("context_length")),
+            n_layer=int(get("block_count")),
+            n_head=int(get("attention.head_count")),
+            n_embd=n_embd,
+            layer_norm_eps=float(get("attention.layer_norm_epsilon")),
+        )
+    except ValueError as exc:
+        raise GGUFImportError(f"{source}: {exc}") from None
+
+
 def config_from_gguf(meta: dict[str, Any], *, name: str = "custom", source: str = "GGUF") -> DecoderConfig:
     """The :class:`DecoderConfig` a GGUF file's ``{arch}.*`` hyper-parameters describe."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFImportError(
-            f"{source}: architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})"
+            f"{source}: architecture {arch!r} is not supported ({', '.join([*ARCHITECTURES, 'gpt2'])})"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -148,7 +196,19 @@ def _dequantize(tensor, dtype: torch.dtype, *, source: str, rows: int = 4096) ->
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """The Hugging Face parameter name for a llama.cpp tensor name; None for tensors without one."""
+    """The Hugging Face (for ``gpt2``: gptlab's GPT-2) parameter name of a llama.cpp tensor; None if none."""
+    if arch == "gpt2":
+        if gguf_name in _GPT2_TENSORS:
+            return _GPT2_TENSORS[gguf_name]
+        parts = gguf_name.split(".")
+        if (
+            len(parts) == 4
+            and parts[0] == "blk"
+            and parts[2] in _GPT2_BLOCK
+            and parts[3] in ("weight", "bias")
+        ):
+            return f"transformer.h.{parts[1]}.{_GPT2_BLOCK[parts[2]]}.{parts[3]}"
+        return None
     if gguf_name in _TENSORS:
         return _TENSORS[gguf_name]
     parts = gguf_name.split(".")
@@ -162,9 +222,21 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     return None
 
 
+def _gpt2_tokenizer(meta: dict[str, Any], source: str) -> GPT2Tokenizer | HFTokenizer:
+    """tiktoken's GPT-2 tokenizer for a file with GPT-2's vocabulary, else the one the metadata describes."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if (
+        meta.get("tokenizer.ggml.pre") == "gpt-2"
+        and len(tokens) == VOCAB_SIZE
+        and tokens[EOT_ID] == ENDOFTEXT
+    ):
+        return GPT2Tokenizer()
+    return HFTokenizer.from_gguf_metadata(meta, source=source)
+
+
 def load_gguf(
     path: str | Path, *, name: str | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[Decoder, HFTokenizer]:
+) -> tuple[Decoder | GPT, HFTokenizer | GPT2Tokenizer]:
     """The model and tokenizer stored in a GGUF file."""
     from gguf import GGUFReader
 
@@ -179,8 +251,22 @@ def load_gguf(
     # The parsed key/value fields (one small array per token and merge string) are no longer needed: freeing
     # them before the weights are built keeps them out of the peak.
     reader.fields.clear()
-    config = config_from_gguf(meta, name=name or path.stem, source=str(path))
+    arch = meta.get("general.architecture")
     names = {t.name for t in reader.tensors}
+    if arch == "gpt2":
+        config = gpt2_config_from_gguf(meta, name=name or path.stem, source=str(path))
+        config = dataclasses.replace(config, tie_weights="output.weight" not in names)
+        tokenizer = _gpt2_tokenizer(meta, str(path))
+        del meta
+        with torch.device("meta"):
+            model = GPT(config)
+        tensors = (
+            (hf_name(t.name, arch) or t.name, _dequantize(t, dtype, source=f"{path}: {t.name}"))
+            for t in reader.tensors
+        )
+        assign_state(model, tensors, source=str(path))
+        return model.eval(), tokenizer
+    config = config_from_gguf(meta, name=name or path.stem, source=str(path))
     if "rope_freqs.weight" in names:
         raise GGUFImportError(
             f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1+) are not supported from GGUF; import the "
@@ -190,7 +276,6 @@ def load_gguf(
         config = config.replace(tie_weights=True)
     elif config.tie_weights:
         config = config.replace(tie_weights=False)
-    arch = meta["general.architecture"]
     tokenizer = HFTokenizer.from_gguf_metadata(meta, source=str(path))
     del meta
     with torch.device("meta"):

@@ -257,6 +257,30 @@ def test_gpt2_q8_0_logits_and_greedy_tokens_equal_transformers(gpt_files) -> Non
     assert generate(model, [prompt], max_new_tokens=8) == [hf_greedy(ref, prompt)]
 
 
+def test_gpt2_round_trips_through_gptlab_import(gpt_files) -> None:
+    """gptlab reads its GPT-2 GGUF back into a GPT with tiktoken's tokenizer: the f16 file's weights exactly (the
+    untied head kept, the padded rows gone, zero biases where the model had none)."""
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    ckpt, files = gpt_files
+    imported, tokenizer = load_gguf(files["f16"])
+    assert isinstance(tokenizer, GPT2Tokenizer) and not imported.config.tied
+    assert imported.config.vocab_size == imported.config.embedding_rows == 50257
+    model = rounded(load_checkpoint(ckpt)[0], "f16")
+    with torch.no_grad():
+        torch.testing.assert_close(imported(IDS), model(IDS)[..., :50257], atol=2e-4, rtol=1e-4)
+
+
+def test_export_cli_writes_the_file_and_modelfile_or_one_line_error(gpt_files, tmp_path) -> None:
+    from gptlab.cli import main
+
+    ckpt, _ = gpt_files
+    assert main(["export", "gguf", str(ckpt), str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    assert (tmp_path / "m.gguf").is_file() and "FROM ./m.gguf" in (tmp_path / "m.Modelfile").read_text()
+    assert main(["export", "gguf", str(ckpt), str(tmp_path / "x.gguf"), "--type", "q3_k"]) == 2
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_gpt2_vocabulary_from_tiktoken_equals_openai_files(shared_dir) -> None:
     """The merges recovered from tiktoken's ranks are OpenAI's vocab.bpe, the tokens its encoder.json."""
     tokens, merges = gpt2_vocabulary()

@@ -18,7 +18,7 @@ from clones import clean_env, git, make_clone, run, set_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "export", "evaluate"]
 REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": "gptlab-dpo"}
 
 
@@ -127,6 +127,21 @@ def test_evaluate_without_a_judge_reports_reference_metrics(clone: Path, first_r
     table = pd.read_parquet(clone / "outputs/evaluate/scores.parquet")
     assert len(table) == 50 and table["score"].isna().all()
     assert "evaluate: no judge at http://127.0.0.1:11434: reference metrics only" in first_run.stdout
+
+
+def test_export_writes_models_that_load_back(clone: Path, first_run) -> None:
+    metrics = json.loads((clone / "metrics/export.json").read_text())
+    assert metrics["hf_greedy_match"] == 1.0 and metrics["hf_max_abs_logit_diff"] < 1e-4
+    assert metrics["gguf_type"] == "q8_0" and metrics["gguf_max_abs_logit_diff"] < 1.0
+    assert (clone / "exports/hf/config.json").is_file() and (clone / "exports/hf/model.safetensors").is_file()
+    modelfile = (clone / "exports/gptlab-dpo.Modelfile").read_text()
+    assert "FROM ./gptlab-dpo.gguf" in modelfile
+    client, runs = _runs(clone)
+    (version,) = client.search_model_versions("name='gptlab-dpo'")
+    (export_run,) = [r for r in runs if r.data.tags.get("gptlab.stage") == "export"]
+    assert version.tags["gptlab.export.run_id"] == export_run.info.run_id
+    files = {f.path for f in client.list_artifacts(export_run.info.run_id, "gguf")}
+    assert {"gguf/gptlab-dpo.gguf", "gguf/gptlab-dpo.Modelfile"} <= files
 
 
 def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
