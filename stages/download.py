@@ -22,8 +22,9 @@ from pathlib import Path
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
 from stages.entry import stage_main
-from stages.fetch import DownloadError, extract_member, fetch
+from stages.fetch import DownloadError, fetch
 from stages.params import load_section
+from stages.unzip import extract_member
 
 
 @dataclass

@@ -31,14 +31,12 @@ from stages.judge import (
     JudgeUnavailableError,
     JudgmentCache,
     check_judge,
-    compare_pairwise,
     request_options,
     score_responses,
-    summarize_repeats,
-    summarize_scores,
 )
 from stages.params import load_section
 from stages.plots import figure
+from stages.scores import compare_pairwise, summarize_repeats, summarize_scores
 
 
 @dataclass

@@ -20,7 +20,8 @@ import pytest
 from datasets_server import ServerState
 
 from gptlab.fileio import sha256_file
-from stages.fetch import DownloadError, extract_member, fetch, partial_path, safe_extract_zip
+from stages.fetch import DownloadError, fetch, partial_path
+from stages.unzip import extract_member, safe_extract_zip
 
 VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 INSTRUCTIONS_SHA = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"

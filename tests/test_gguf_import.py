@@ -121,7 +121,10 @@ def test_bad_files_are_one_line_errors(files, tmp_path) -> None:
     cases = [
         (tmp_path / "missing.gguf", r"missing\.gguf: not found"),
         (not_gguf, r"x\.gguf: not a GGUF file"),
-        (_write(tmp_path, "falcon"), r"architecture 'falcon' is not supported \(llama, qwen3, gemma3, gpt2\)"),
+        (
+            _write(tmp_path, "falcon"),
+            r"architecture 'falcon' is not supported \(llama, qwen3, gemma3, gpt2\)",
+        ),
         (_write(tmp_path, "llama", embedding_length=64), r"metadata llama\.attention\.head_count is missing"),
     ]
     for path, message in cases:
