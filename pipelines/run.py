@@ -114,7 +114,7 @@ def summary(run_id: str, stages: list[tuple[str, bool]]) -> str:
     lines = [f"\npipeline summary (run id {run_id}):"]
     lines += [f"  {name:<12} {'ran' if ran else 'up to date'}" for name, ran in stages]
     lines += [
-        "outputs: models/ metrics/ plots/ outputs/",
+        "outputs: models/ metrics/ plots/ outputs/ exports/",
         "runs:    mlflow ui --backend-store-uri sqlite:///mlflow.db",
     ]
     return "\n".join(lines)

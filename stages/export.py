@@ -130,8 +130,8 @@ def main() -> None:
         tracking.mlflow.log_artifact(str(modelfile_path(args.gguf)), artifact_path="gguf")
         tag_registered_version(run.info.run_id, args.gguf.name)
     print(
-        f"export: {args.hf} (greedy match {metrics['hf_greedy_match']:.2f}), {args.gguf} {params.gguf_type} "
-        f"(greedy match {metrics['gguf_greedy_match']:.2f}) + {modelfile_path(args.gguf).name}"
+        f"export: HF + GGUF {params.gguf_type} (greedy match {metrics['hf_greedy_match']:.2f} / "
+        f"{metrics['gguf_greedy_match']:.2f}) -> {args.gguf.parent}/"
     )
 
 
