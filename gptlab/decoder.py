@@ -426,16 +426,20 @@ class Decoder(nn.Module):
         T = seq_len or cfg.context_length
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
 
-    def new_cache(self, batch_size: int, *, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_cache(
+        self,
+        batch_size: int,
+        *,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        max_length: int | None = None,
+    ) -> KVCache:
+        """An empty key/value cache for ``batch_size`` sequences of up to ``max_length`` tokens
+        (default and at most ``context_length``)."""
         cfg = self.config
+        length = min(max_length or cfg.context_length, cfg.context_length)
         return KVCache(
-            cfg.n_layer,
-            batch_size,
-            cfg.n_kv_head,
-            cfg.head_size,
-            cfg.context_length,
-            device=device,
-            dtype=dtype,
+            cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_size, length, device=device, dtype=dtype
         )
 
     def _rope(self, inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import ollama_api, openai_api
+from serving.batching import DEFAULT_MAX_BATCH, Batcher
 from serving.guard import HostOriginGuard, Limits, timed_protocol
 from serving.http import NOTE, endpoint, error_response
 from serving.models import DEFAULT_HOST, DEFAULT_PORT, ServedModel, load_models
@@ -148,6 +149,8 @@ class Server:
     Binding happens here, so a port in use is an OSError at construction, not a log line later. ``port=0``
     picks a free port (:attr:`port`). :meth:`stop` ends running generations at their next decoding step (a
     stream reports ``{"error": "the server is shutting down"}`` in-band) and waits for every connection.
+    ``max_batch`` > 1 gives every model a :class:`Batcher`: up to that many requests decode together;
+    1 decodes each request alone (forward passes serialized step by step).
     """
 
     def __init__(
@@ -158,10 +161,15 @@ class Server:
         *,
         log: IO[str] | None = None,
         limits: Limits | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         self.models = dict(models)
+        for served in self.models.values():
+            served.batcher = Batcher(served, max_batch) if max_batch > 1 else None
         self.limits = limits or Limits.from_env()
         self.app = create_app(self.models, log=log, limits=self.limits, bound_host=host)
         self.stopping: threading.Event = self.app.state.stopping
@@ -195,7 +203,15 @@ class Server:
 
     def run(self) -> None:
         """Serve until Ctrl-C / SIGTERM (a graceful shutdown)."""
-        self._uvicorn.run(sockets=[self.socket])
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self.close_batchers()
+
+    def close_batchers(self) -> None:
+        for served in self.models.values():
+            if served.batcher is not None:
+                served.batcher.close()
 
     def start(self) -> Server:
         """Serve in a background thread; returns once the server accepts connections."""
@@ -212,6 +228,7 @@ class Server:
         self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+        self.close_batchers()
         self.socket.close()
 
 
@@ -223,9 +240,10 @@ def make_server(
     device: str | torch.device = "cpu",
     log: IO[str] | None = None,
     limits: Limits | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> Server:
     """Load every model (fail fast: one ValueError naming the bad directory) and bind ``host:port``."""
-    return Server(load_models(models, device=device), host, port, log=log, limits=limits)
+    return Server(load_models(models, device=device), host, port, log=log, limits=limits, max_batch=max_batch)
 
 
 def serve(
@@ -235,9 +253,10 @@ def serve(
     port: int = DEFAULT_PORT,
     device: str | torch.device = "cpu",
     limits: Limits | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> None:
     """``gptlab serve``: load, print the URL, serve until Ctrl-C."""
-    server = make_server(models, host, port, device=device, limits=limits)
+    server = make_server(models, host, port, device=device, limits=limits, max_batch=max_batch)
     first = next(iter(server.models)).removesuffix(":latest")
     shown = server.url.removeprefix("http://")
     # stdout, flushed: a script that asked for --port 0 can read the URL from here.

@@ -3,13 +3,16 @@ streaming rules.
 
 Streaming decodes token by token but only emits text that decodes cleanly (the bytes of an incomplete UTF-8
 sequence wait for the next token) and never emits text that might be the start of a stop string, so the
-chunks always concatenate to exactly the non-streaming text. Each request seeds its own ``torch.Generator``
-(a random seed when none is given), so the same seed and options reproduce the same text.
+chunks always concatenate to exactly the non-streaming text. Detokenization is incremental, as in vLLM and
+TGI (prefix-offset decoding): each token decodes only a short trailing window of ids, not everything so far.
+Each request seeds its own ``torch.Generator`` (a random seed when none is given), so the same seed and
+options reproduce the same text.
 
-Concurrency: every request has its own KV cache (made inside :func:`gptlab.generate.stream`) and its own RNG;
-the model is read-only in eval mode. Forward passes of one model are serialized with a per-model lock, one
-decoding step at a time, in worker threads: concurrent requests interleave token by token instead of
-over-subscribing the CPU's threads with parallel matmuls, and the event loop never waits on a forward pass.
+Concurrency: when the model has a :class:`serving.batching.Batcher` (``gptlab serve --max-batch N``, N > 1,
+the default), its worker thread decodes all running requests of the model together (continuous batching).
+Otherwise (``--max-batch 1``) every request has its own KV cache (made inside :func:`gptlab.generate.stream`)
+and forward passes are serialized with a per-model lock, one decoding step at a time, in worker threads. Either
+way the event loop never waits on a forward pass.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ class TextFilter:
     ``push`` returns ``(piece, stopped)``. A piece never contains the start of an incomplete UTF-8 sequence
     (decoded text that ends in U+FFFD waits for the next token) nor a tail that could still become a stop
     string; once a stop string appears, everything from it on is dropped. ``finish`` flushes what was held
-    back at the end. The pieces concatenate to ``decode(ids)`` (cut at the first stop string), for any
-    tokenizer: each step decodes all ids so far and emits what is new.
+    back at the end. The pieces concatenate to ``decode(ids)`` (cut at the first stop string) for tokenizers
+    whose decoding is prefix-stable at character boundaries (byte-level BPE: GPT-2's, Llama 3's, SmolLM2's):
+    each step decodes only the ids since the last emitted character boundary, plus the previous window as
+    context.
 
     ``header`` (the Alpaca ``### Response:``) is dropped when the text starts with it, before stop strings
     are looked for; ``strip_leading`` drops leading whitespace from the output, after they are looked for,
@@ -69,7 +74,11 @@ class TextFilter:
     ) -> None:
         self._decode = decode
         self._ids: list[int] = []
-        self._decoded = 0  # characters of decode(ids) already passed on
+        # Prefix-offset detokenization: ids[_prefix:_read] were already passed on (as text) and give the
+        # decoder its context; ids[_read:] are not yet passed on. Both offsets sit at UTF-8 character
+        # boundaries (text is passed on only when it does not end in an incomplete sequence).
+        self._prefix = 0
+        self._read = 0
         self._stops = tuple(s for s in stops if s)
         self._strip_leading = strip_leading
         self._header = header
@@ -81,15 +90,21 @@ class TextFilter:
 
     def push(self, token: int) -> tuple[str, bool]:
         self._ids.append(token)
-        text = self._decode(self._ids)
-        stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD for now
-        new, self._decoded = text[self._decoded : stable], max(self._decoded, stable)
-        return self._feed(new, final=False)
+        return self._feed(self._new_text(final=False), final=False)
 
     def finish(self) -> tuple[str, bool]:
-        text = self._decode(self._ids)
-        new, self._decoded = text[self._decoded :], len(text)
-        return self._feed(new, final=True)
+        return self._feed(self._new_text(final=True), final=True)
+
+    def _new_text(self, *, final: bool) -> str:
+        """Text of the ids not yet passed on: decode a window from the prefix offset and keep what follows
+        the decoded prefix. O(window) per token instead of O(all ids so far)."""
+        prefix = self._decode(self._ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        text = self._decode(self._ids[self._prefix :])
+        # An incomplete UTF-8 sequence decodes to U+FFFD for now: wait for the token that completes it.
+        if not final and (len(text) <= len(prefix) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix) :]
 
     def _feed(self, new: str, *, final: bool) -> tuple[str, bool]:
         if self._pending is not None:
@@ -173,19 +188,46 @@ class Generation:
     def prompt_eval_count(self) -> int:
         return len(self.prompt_ids)
 
+    def new_generator(self) -> torch.Generator | None:
+        """This request's RNG: seeded from ``seed`` (or at random); None for greedy decoding."""
+        opts = self.options
+        if opts.sampling.temperature == 0:
+            return None
+        seed = opts.seed if opts.seed is not None else secrets.randbits(63)
+        return torch.Generator(device=self.served.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def accept(self, token: int) -> tuple[str, bool]:
+        """Take one sampled token: the text piece it releases, and whether the generation is over."""
+        self.eval_count += 1
+        if token in self.served.stop_ids:
+            self.done_reason = "stop"
+            return self.finish_text(), True
+        self.output_ids.append(token)
+        piece, stopped = self.filter.push(token)
+        if stopped:
+            self.done_reason = "stop"
+            return piece, True
+        if self.eval_count >= self.max_new_tokens:
+            return piece + self.finish_text(), True
+        return piece, False
+
+    def finish_text(self) -> str:
+        """Flush the text held back (a possible stop-string start, an incomplete character)."""
+        piece, stopped = self.filter.finish()
+        if stopped:
+            self.done_reason = "stop"
+        return piece
+
     def __iter__(self) -> Iterator[str]:
-        served, opts = self.served, self.options
-        generator = None
-        if opts.sampling.temperature > 0:
-            seed = opts.seed if opts.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(device=served.device).manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        """The serialized path (no batcher): decode alone, taking the model's lock for every step."""
+        served = self.served
         steps = stream(
             served.model,
             [self.prompt_ids],
             max_new_tokens=self.max_new_tokens,
-            sampling=opts.sampling,
+            sampling=self.options.sampling,
             eos_id=served.stop_ids,
-            generator=generator,
+            generator=self.new_generator(),
         )
         try:
             while True:
@@ -199,35 +241,44 @@ class Generation:
                     self.prompt_eval_ns += elapsed  # the first step encodes the whole prompt
                 else:
                     self.eval_ns += elapsed
-                if nxt is None:
-                    break
-                token = int(nxt[0])
-                self.eval_count += 1
-                if token in served.stop_ids:
-                    self.done_reason = "stop"
-                    break
-                self.output_ids.append(token)
-                piece, stopped = self.filter.push(token)
+                if nxt is None:  # max_new_tokens == 0
+                    piece, done = self.finish_text(), True
+                else:
+                    piece, done = self.accept(int(nxt[0]))
                 if piece:
                     yield piece
-                if stopped:
-                    self.done_reason = "stop"
+                if done:
                     return
-            piece, stopped = self.filter.finish()
-            if stopped:
-                self.done_reason = "stop"
-            if piece:
-                yield piece
         finally:
             steps.close()
 
 
 _DONE = object()
+_POLL_S = 0.25  # how often a request waiting on the batcher checks its connection
 
 
 async def pieces(gen: Generation, disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-    """``gen``'s text pieces, each decoding step run in a worker thread; raises :class:`ClientGone` as soon as
-    ``disconnected()`` says the client left, and stops decoding (the KV cache is freed) however it ends."""
+    """``gen``'s text pieces, decoded off the event loop (by the model's batcher, or step by step in worker
+    threads); raises :class:`ClientGone` as soon as ``disconnected()`` says the client left, and stops
+    decoding (the KV cache or batch slot is freed) however it ends."""
+    batcher = gen.served.batcher
+    if batcher is not None:
+        ticket = batcher.submit(gen)
+        try:
+            while True:
+                if await disconnected():
+                    raise ClientGone("client disconnected")
+                # Shielded like a worker-thread step (at most _POLL_S): when Starlette cancels the response
+                # because the client left, the next check still sees it and ends with ClientGone.
+                with anyio.CancelScope(shield=True):
+                    piece = await ticket.get(timeout=_POLL_S)
+                if piece is None:  # nothing yet: look at the connection again
+                    continue
+                if piece is ticket.END:
+                    return
+                yield piece
+        finally:
+            ticket.cancel()  # a request still decoding leaves the batch before the next step
     steps = iter(gen)
     try:
         while True:

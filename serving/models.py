@@ -107,6 +107,9 @@ class ServedModel:
     tokenizer: Any = None
     """The checkpoint's tokenizer (GPT-2's or the model's own, with its chat template)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: Any = None
+    """The model's :class:`serving.batching.Batcher` (continuous batching), or None: requests decode alone,
+    serialized step by step by ``lock``."""
 
     @property
     def meta(self) -> dict[str, Any]:
