@@ -70,6 +70,8 @@ class KVCache:
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only the sequences ``rows`` (in that order)."""
+        if list(rows) == list(range(self.k.size(1))):
+            return  # every row, in order: nothing to copy
         index = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
 

@@ -261,6 +261,8 @@ class Batcher:
         self._remove(rows)
 
     def _remove(self, rows: list[int]) -> None:
+        if not rows:
+            return  # most steps: nobody left, and the cache must not be copied
         gone = set(rows)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]

@@ -137,6 +137,9 @@ def test_kv_cache_row_surgery_keeps_values() -> None:
     assert pads == [2, 0] and cat.length == 5 and cat.max_length == 12 and cat.batch_size == 3
     assert torch.equal(cat.k[:, :2, :, 2:5], a.k[:, :, :, :3]) and not cat.k[:, :2, :, :2].any()
     assert torch.equal(cat.v[:, 2:, :, :5], b.v[:, :, :, :5])
+    k = cat.k
+    cat.keep_rows([0, 1, 2])  # every row in order (a step where nobody leaves): no copy of the cache
+    assert cat.k is k
     cat.keep_rows([2, 0])
     assert torch.equal(cat.k[:, 0, :, :5], b.k[:, 0, :, :5])
     cat.drop_front(2)
