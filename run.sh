@@ -53,6 +53,34 @@ ensure_chromium() {
   fi
 }
 
+LLAMA_CPP_NODE_VERSION=3.22.1
+
+ensure_llama_cpp() {
+  # llama.cpp itself (node-llama-cpp's prebuilt CPU build, from npm: the engine Ollama runs), for the tests that
+  # run exported GGUF files in it (tests/test_llama_cpp.py). No-op once installed; a warning when it can't be.
+  local dir="$VENV/llama-cpp" platform
+  local warning="run.sh: warning: could not install llama.cpp (npm node-llama-cpp) into $dir (tests/test_llama_cpp.py will skip)"
+  if [ -f "$dir/node_modules/node-llama-cpp/dist/index.js" ]; then
+    return
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "$warning: no npm" >&2
+    return
+  fi
+  case "$(uname -m)" in
+    x86_64) platform=linux-x64 ;;
+    aarch64) platform=linux-arm64 ;;
+    *) echo "$warning: no prebuilt binary for $(uname -m)" >&2; return ;;
+  esac
+  echo "run.sh: installing llama.cpp (npm node-llama-cpp $LLAMA_CPP_NODE_VERSION, CPU build) into $dir" >&2
+  if ! NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --prefix "$dir" --no-audit --no-fund --omit=optional \
+    --ignore-scripts --loglevel=error "node-llama-cpp@$LLAMA_CPP_NODE_VERSION" \
+    "@node-llama-cpp/$platform@$LLAMA_CPP_NODE_VERSION" >/dev/null 2>&1; then
+    rm -rf "$dir"
+    echo "$warning: npm install failed" >&2
+  fi
+}
+
 setup() {
   if [ "${GPTLAB_SKIP_SETUP:-0}" = 1 ] && [ -x "$VENV/bin/python" ]; then
     return # the caller manages the venv (the end-to-end tests run inside one)
@@ -84,6 +112,7 @@ setup() {
     "${pip[@]}" install -q --no-deps "llms-from-scratch==$BOOK_CODE_VERSION"
     echo "$want" >"$stamp"
   fi
+  ensure_llama_cpp
   # GPT-2's BPE file for offline tokenization (a no-op once the verified copy is cached).
   if [ -z "${GPTLAB_TIKTOKEN_FILE:-}" ]; then
     "$VENV/bin/gptlab" fetch-tokenizer >/dev/null

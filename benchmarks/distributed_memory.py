@@ -7,7 +7,9 @@ process) through :func:`gptlab.train.train` and reports every process's peak res
 held before the model was built (torch and the process group loaded; glibc told to return freed blocks, so the
 figure follows live tensors). A table, reference measured in the same
 run: DDP keeps a whole copy of the weights, gradients and AdamW's two moments in every process (plus its
-gradient buckets); FSDP2 keeps 1/N of each, gathering one block's weights at a time.
+gradient buckets); FSDP2 keeps 1/N of each, gathering one block's weights at a time for the forward and backward,
+and the whole weights once more at evaluation and checkpoint steps (:func:`gptlab.distributed.copy_full_weights`,
+so that evaluation and saving read an ordinary model): that copy is in the FSDP figure.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def launch(model_name: str, steps: int, nproc: int, parallelism: str) -> dict:
                 f"--nproc-per-node={nproc}",
                 *args,
             ]
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"distributed_memory: {parallelism} run failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 

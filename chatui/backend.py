@@ -62,9 +62,13 @@ class Backend:
                     f"The server at {self.url} has no model {model!r} ({exc.error}). Press Refresh and pick "
                     "one it serves."
                 )
+            if exc.status_code < 0:  # an error sent inside the stream, after the reply had started
+                return ServerError(f"The server at {self.url} stopped the reply: {exc.error}")
             return ServerError(
                 f"The server at {self.url} refused the request (HTTP {exc.status_code}): {exc.error}"
             )
+        if isinstance(exc, httpx.TimeoutException):  # reachable, but slower than the client waits
+            return ServerError(f"The server at {self.url} did not answer in time ({type(exc).__name__}).")
         return (
             self._down()
         )  # ConnectionError (the client's own for a refused connection) or a transport error

@@ -81,8 +81,9 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     "PyTorch FSDP", VLDB 2023): each transformer block is one all-gather unit, the embeddings, final norm and
     head are the root's; every rank keeps 1/world of the parameters, gradients and optimizer state.
 
-    ``model`` itself stays an ordinary module for evaluation, sampling and saving: its parameters are emptied
-    (:func:`release_weights`) while training and gathered back into it (:func:`copy_full_weights`) when read."""
+    ``model`` keeps its weights; :func:`gptlab.train.train` empties them (:func:`release_weights`) while the copy
+    trains and gathers them back (:func:`copy_full_weights`) for evaluation, sampling and saving, so those read an
+    ordinary module."""
     from torch.distributed.fsdp import fully_shard
 
     # The copy shares the weights' storage until fully_shard has cut its shards from them: a whole model's

@@ -25,7 +25,6 @@ in F16. The mapping (:func:`prepare`) is separate from the writing (:func:`write
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.bpe import bytes_to_unicode
 from gptlab.fileio import atomic_write, write_text
 from gptlab.gguf_import import _BLOCK, _TENSORS
 
@@ -53,7 +51,6 @@ QTYPES: dict[str, tuple[str, str]] = {
 """``qtype`` names accepted by :func:`export_gguf`."""
 
 _CONTROL, _NORMAL, _USER_DEFINED, _UNUSED = 3, 1, 4, 5  # llama.cpp's token types
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 class GGUFExportError(ValueError):
@@ -77,35 +74,16 @@ class GGUFModel:
 # ---------------------------------------------------------------- tokenizers
 
 
-@functools.cache
 def gpt2_vocabulary() -> tuple[list[str], list[str]]:
-    """(tokens in GPT-2's byte-unicode spelling, merges "a b" in rank order) from tiktoken's r50k ranks.
+    """(tokens by id, merges ``"a b"`` in rank order): GPT-2's BPE as GGUF's ``tokenizer.ggml.*`` lists hold it
+    (:func:`gptlab.tokenizer.gpt2_vocab_and_merges`)."""
+    from gptlab.tokenizer import gpt2_vocab_and_merges
 
-    A tiktoken file has ranks but no merges; each token's merge is found as llama.cpp's converter finds it
-    (``QwenModel.bpe``): byte-pair-encode the token with only the lower ranks allowed, which leaves two parts.
-    """
-    from gptlab.tokenizer import ENDOFTEXT, EOT_ID, get_encoding
-
-    ranks: dict[bytes, int] = get_encoding()._mergeable_ranks  # tiktoken keeps the ranks on this attribute
-    spell = bytes_to_unicode()
-
-    def text(b: bytes) -> str:
-        return "".join(spell[x] for x in b)
-
-    tokens = [""] * (len(ranks) + 1)
-    merges: list[tuple[int, str]] = []
-    for token, rank in ranks.items():
-        tokens[rank] = text(token)
-        if len(token) < 2:
-            continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            pairs = [(ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
-            best, i = min((r, i) for r, i in pairs if r is not None and r < rank)
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
-        merges.append((rank, f"{text(parts[0])} {text(parts[1])}"))
-    tokens[EOT_ID] = ENDOFTEXT
-    return tokens, [m for _, m in sorted(merges)]
+    vocab, merges = gpt2_vocab_and_merges()
+    tokens = [""] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    return tokens, [f"{a} {b}" for a, b in merges]
 
 
 def _gpt2_tokenizer_metadata() -> tuple[dict[str, Any], list[str]]:
@@ -190,7 +168,7 @@ def _hf_tokenizer_metadata(directory: Path, n_vocab: int) -> tuple[dict[str, Any
         if value is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = value
     unk = tok.special.get("unk_token")
-    if unk is not None:
+    if unk is not None and unk in vocab:  # byte-level BPE needs none; some tokenizers name one anyway
         meta["tokenizer.ggml.unknown_token_id"] = vocab[unk]
     # Whether plain encoding starts with BOS (Llama 3, Gemma): llama.cpp and transformers read this flag.
     probe = tok.encode("a")
@@ -416,9 +394,18 @@ def tensor_type(name: str, w: np.ndarray, qtype: str):
 def write_gguf(model: GGUFModel, path: str | Path, *, qtype: str) -> None:
     """Write ``model`` to ``path`` (not atomic by itself: :func:`export_gguf` writes to a temp file)."""
     import gguf
-    from gguf.quants import quantize
 
     writer = gguf.GGUFWriter(str(path), model.arch)
+    try:
+        _write(writer, model, qtype)
+    finally:
+        writer.close()
+
+
+def _write(writer, model: GGUFModel, qtype: str) -> None:
+    import gguf
+    from gguf.quants import quantize
+
     for key, value in model.metadata.items():
         if key == "general.architecture":
             continue  # the writer adds it
@@ -443,7 +430,6 @@ def write_gguf(model: GGUFModel, path: str | Path, *, qtype: str) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
-    writer.close()
 
 
 def modelfile_path(out: str | Path) -> Path:

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from gptlab.bpe import bytes_to_unicode
 from gptlab.config import GPTConfig
 from gptlab.decoder import DecoderConfig
 
@@ -328,53 +327,16 @@ def to_hf(
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def _split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """BPE of ``token`` using only merges ranked below ``max_rank`` (tiktoken's algorithm): for a vocabulary
-    token this stops at the two parts whose merge made it."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while True:
-        best: tuple[int, int] | None = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[1]):
-                best = (i, rank)
-        if best is None:
-            return parts
-        i = best[0]
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-
-
-def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """HF byte-level BPE ``vocab.json`` / ``merges.txt`` content from tiktoken's mergeable ranks (GPT-2's
-    ``r50k_base``): tokens spelled with GPT-2's byte-to-unicode map, one merge per multi-byte token in rank order."""
-    to_char = bytes_to_unicode()
-
-    def spell(b: bytes) -> str:
-        return "".join(to_char[x] for x in b)
-
-    vocab = {spell(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) == 1:
-            continue
-        parts = _split(ranks, token, rank)
-        if len(parts) != 2:
-            raise HFExportError(f"token {token!r} (rank {rank}) is not the merge of two earlier tokens")
-        merges.append((spell(parts[0]), spell(parts[1])))
-    return vocab, merges
-
-
 @functools.cache
 def gpt2_tokenizer_json() -> str:
     """GPT-2's tokenizer as a ``tokenizers`` JSON string, derived from the BPE file gptlab uses (tiktoken's
     ``r50k_base``, see :mod:`gptlab.tokenizer`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    from gptlab.tokenizer import ENDOFTEXT, EOT_ID, get_encoding
+    from gptlab.tokenizer import ENDOFTEXT, gpt2_vocab_and_merges
 
-    vocab, merges = vocab_and_merges(get_encoding()._mergeable_ranks)  # tiktoken keeps the ranks here
-    vocab[ENDOFTEXT] = EOT_ID
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    vocab, merges = gpt2_vocab_and_merges()
+    tokenizer = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), fuse_unk=False))
     # ByteLevel's regex is GPT-2's split pattern, which tiktoken's r50k pattern splits identically.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -182,3 +182,38 @@ class GPT2Tokenizer:
 
     def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
         raise ValueError("GPT-2 models have no chat template (use the Alpaca prompt style)")
+
+
+@functools.cache
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """GPT-2's vocabulary (tokens in its byte-to-unicode spelling, ``<|endoftext|>`` included) and merges in rank
+    order, as Hugging Face's ``vocab.json`` / ``merges.txt`` and GGUF's ``tokenizer.ggml.*`` hold them.
+
+    Derived from tiktoken's ``r50k_base`` ranks, which have no merges: each token's merge is found as llama.cpp's
+    converter finds it, by byte-pair-encoding the token with only lower-ranked merges allowed, which leaves the
+    two parts it was merged from. Equal to OpenAI's published ``encoder.json`` and ``vocab.bpe`` (tests).
+    Callers must not modify the returned dict (it is cached).
+    """
+    from gptlab.bpe import bytes_to_unicode
+
+    ranks: dict[bytes, int] = get_encoding()._mergeable_ranks  # tiktoken keeps the ranks on this attribute
+    to_char = bytes_to_unicode()
+
+    def spell(b: bytes) -> str:
+        return "".join(to_char[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            candidates = [
+                (ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
+            ]
+            _, i = min((r, i) for r, i in candidates if r is not None and r < rank)
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab[ENDOFTEXT] = EOT_ID
+    return vocab, tuple(merges)

@@ -382,10 +382,18 @@ def train(
     if resumed is not None:
         checkpointer.load_weights(model)
         model.to(device)
+    flops_per_token = None
+    if hasattr(model, "flops_per_token"):
+        # Affine in the sequence length; read now, while the weights are whole (FSDP releases them below).
+        f1, f2 = model.flops_per_token(1), model.flops_per_token(2)
+
+        def flops_per_token(seq_len: int) -> float:
+            return f1 + (f2 - f1) * (seq_len - 1)
+
     world, rank = distributed.world_size(), distributed.rank()
     fsdp = world > 1 and cfg.parallelism == "fsdp"
     # `trained` is the module the optimizer updates: the model itself, or under FSDP its sharded copy, whose
-    # weights are gathered into `model` only while something reads it (evaluation, callbacks, checkpoints).
+    # weights are gathered into `model` only while evaluation (with its callback) or a checkpoint reads it.
     trained = distributed.shard_model(model) if fsdp else model
     if fsdp:
         distributed.release_weights(model)
@@ -413,7 +421,6 @@ def train(
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(ddp) if compile_model else ddp
     peak = peak_flops(device)
-    flops_per_token = getattr(model, "flops_per_token", None)
 
     def snapshot(optimizer_state: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -525,9 +532,11 @@ def train(
         gathered = False
         if step % cfg.log_interval == 0 or is_eval or is_checkpoint:
             check_finite()
-            if fsdp:  # evaluation, callbacks and checkpoints read the whole model
-                distributed.copy_full_weights(trained, model)
-                gathered = True
+        if fsdp and (
+            is_eval or is_checkpoint
+        ):  # evaluation (and its callbacks) and checkpoints read the model
+            distributed.copy_full_weights(trained, model)
+            gathered = True
         if step % cfg.log_interval == 0 or is_last:
             elapsed = max(time.perf_counter() - t0, 1e-9)
             losses = window_losses()

@@ -83,6 +83,8 @@ class _Slot:
     """Prompt and sampled tokens; the last one is the next to feed."""
     cache: KVCache | None = field(default=None, repr=False)
     """The prompt's cache between prefill and joining the batch."""
+    ended: bool = False
+    """The request has been told it is over (END or an error): it is told nothing more."""
 
     @property
     def gone(self) -> bool:
@@ -163,9 +165,11 @@ class Batcher:
             try:
                 with torch.no_grad():
                     self._iterate(joiners)
-            except Exception as exc:  # a model failure: every running request reports it; keep serving
-                for slot in [*joiners, *self._rows, *self._sliding]:
-                    if not slot.ticket.cancelled:
+            except Exception as exc:  # a failed step: every request in it reports it; keep serving
+                for slot in dict.fromkeys(
+                    [*joiners, *self._rows, *self._sliding]
+                ):  # a joiner may be a row now
+                    if not slot.ended and not slot.ticket.cancelled:
                         self._end(slot, exc)
                 self._reset()
 
@@ -173,6 +177,7 @@ class Batcher:
         self._rows, self._sliding, self._cache, self._mask = [], [], None, None
 
     def _end(self, slot: _Slot, error: BaseException | None = None) -> None:
+        slot.ended = True
         slot.cache = None
         slot.ticket.put(error if error is not None else Ticket.END)
 
@@ -188,8 +193,12 @@ class Batcher:
         for slot in joiners:
             if slot.gone:
                 self._end(slot, None if slot.ticket.cancelled else stop)
-            elif self._prefill(slot):
-                merged.append(slot)
+            else:
+                try:
+                    if self._prefill(slot):
+                        merged.append(slot)
+                except Exception as exc:  # this prompt's own failure: the batch goes on without it
+                    self._end(slot, exc)
         if merged:
             self._join(merged)
         if self._rows:

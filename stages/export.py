@@ -6,6 +6,9 @@ Each export is read back with gptlab's own importers (:mod:`gptlab.importing`) a
 on fixed prompts: the largest logit difference and whether greedy continuations agree are the stage's metrics,
 so a broken export shows in ``dvc metrics show``, not at the user's ``ollama run``. The files are logged to the
 stage's MLflow run and tagged onto the newest registered version of the DPO model.
+
+A model GGUF cannot carry (a SentencePiece vocabulary such as Gemma 3's) gets the Hugging Face export alone, and
+a GGUF gptlab cannot read back (Llama 3.1+'s ``rope_freqs``) goes unchecked: the metrics say which, and why.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pathlib import Path
 import torch
 
 from gptlab.checkpoint import load_checkpoint, load_tokenizer
-from gptlab.export_gguf import QTYPES, export_gguf, modelfile_path
+from gptlab.export_gguf import QTYPES, GGUFExportError, export_gguf, modelfile_path
 from gptlab.export_hf import DTYPES, export_hf
 from gptlab.fileio import write_json
 from gptlab.generate import generate
+from gptlab.gguf_import import GGUFImportError
 from gptlab.importing import load_pretrained
 from stages import tracking
 from stages.entry import stage_main
@@ -80,33 +84,42 @@ def compare(reference, exported, tokenizer, prompts: list[str], new_tokens: int)
 def export_model(params: ExportParams, checkpoint: Path, hf_out: Path, gguf_out: Path) -> dict:
     """Write both exports of ``checkpoint`` and check them against it; returns the stage's metrics."""
     export_hf(checkpoint, hf_out, dtype=params.hf_dtype)
-    export_gguf(checkpoint, gguf_out, qtype=params.gguf_type, modelfile=True)
+    metrics: dict = {"hf_dtype": params.hf_dtype or "float32", "gguf_type": params.gguf_type}
+    exports = [("hf", hf_out)]
+    try:
+        export_gguf(checkpoint, gguf_out, qtype=params.gguf_type, modelfile=True)
+        exports.append(("gguf", gguf_out))
+    except GGUFExportError as exc:  # the HF export stands on its own
+        metrics["gguf"] = f"not exported: {exc}"
     reference, _ = load_checkpoint(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    metrics: dict = {"gguf_type": params.gguf_type, "hf_dtype": params.hf_dtype or "float32"}
-    for kind, path in (("hf", hf_out), ("gguf", gguf_out)):
-        exported, _, _ = load_pretrained(path, progress=False)
+    for kind, path in exports:
+        try:
+            exported, _, _ = load_pretrained(path, progress=False)
+        except GGUFImportError as exc:
+            metrics["gguf"] = f"exported, not checked: gptlab cannot read it back ({exc})"
+            continue
         checked = compare(
             reference, exported.float(), tokenizer, params.check_prompts, params.check_new_tokens
         )
         metrics.update({f"{kind}_{k}": v for k, v in checked.items()})
     metrics["hf_bytes"] = sum(f.stat().st_size for f in hf_out.iterdir() if f.is_file())
-    metrics["gguf_bytes"] = gguf_out.stat().st_size
+    if gguf_out.is_file():
+        metrics["gguf_bytes"] = gguf_out.stat().st_size
     return metrics
 
 
-def tag_registered_version(run_id: str, gguf_name: str) -> None:
+def tag_registered_version(run_id: str, gguf_name: str | None) -> None:
     """Point the newest registered DPO model version at this run's exports (MLflow's model registry)."""
     client = tracking.mlflow.MlflowClient()
     versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
     if not versions:
         return  # the DPO stage did not register a model (e.g. run outside the pipeline)
     newest = max(versions, key=lambda v: int(v.version))
-    for key, value in {
-        "gptlab.export.run_id": run_id,
-        "gptlab.export.hf": f"runs:/{run_id}/hf",
-        "gptlab.export.gguf": f"runs:/{run_id}/gguf/{gguf_name}",
-    }.items():
+    tags = {"gptlab.export.run_id": run_id, "gptlab.export.hf": f"runs:/{run_id}/hf"}
+    if gguf_name is not None:
+        tags["gptlab.export.gguf"] = f"runs:/{run_id}/gguf/{gguf_name}"
+    for key, value in tags.items():
         client.set_model_version_tag(REGISTERED_NAME, newest.version, key, value)
 
 
@@ -126,12 +139,17 @@ def main() -> None:
         write_json(args.metrics, metrics)
         tracking.log_metrics(metrics)
         tracking.mlflow.log_artifacts(str(args.hf), artifact_path="hf")
-        tracking.mlflow.log_artifact(str(args.gguf), artifact_path="gguf")
-        tracking.mlflow.log_artifact(str(modelfile_path(args.gguf)), artifact_path="gguf")
-        tag_registered_version(run.info.run_id, args.gguf.name)
+        written = args.gguf.is_file()
+        if written:
+            tracking.mlflow.log_artifact(str(args.gguf), artifact_path="gguf")
+            tracking.mlflow.log_artifact(str(modelfile_path(args.gguf)), artifact_path="gguf")
+        tag_registered_version(run.info.run_id, args.gguf.name if written else None)
+    if "gguf" in metrics:
+        print(f"export: GGUF {metrics['gguf']}")
+    gguf = f"{metrics['gguf_greedy_match']:.2f}" if "gguf_greedy_match" in metrics else "-"
     print(
-        f"export: HF + GGUF {params.gguf_type} (greedy match {metrics['hf_greedy_match']:.2f} / "
-        f"{metrics['gguf_greedy_match']:.2f}) -> {args.gguf.parent}/"
+        f"export: HF + GGUF {params.gguf_type} (greedy match {metrics['hf_greedy_match']:.2f} / {gguf}) "
+        f"-> {args.gguf.parent}/"
     )
 
 

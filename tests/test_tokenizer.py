@@ -143,3 +143,16 @@ def test_fetch_extracts_and_verifies_from_an_sdist(isolated, gpt2_tiktoken_file,
     with pytest.raises(tk.TokenizerNotFoundError, match="sha256"):
         tk.fetch_bpe_file()
     assert not dest.exists()
+
+
+def test_gpt2_vocab_and_merges_are_openais_files(shared_dir) -> None:
+    """The merges derived from tiktoken's ranks equal OpenAI's published ``vocab.bpe`` line by line, the vocabulary
+    its ``encoder.json``."""
+    import json
+
+    from gptlab.tokenizer import gpt2_vocab_and_merges
+
+    vocab, merges = gpt2_vocab_and_merges()
+    lines = (shared_dir / "tokenizers" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    assert [" ".join(m) for m in merges] == [line for line in lines if line]
+    assert vocab == json.loads((shared_dir / "tokenizers" / "encoder.json").read_text(encoding="utf-8"))
