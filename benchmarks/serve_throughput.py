@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--compare-serial", action="store_true", help="also measure --max-batch 1")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per mode; the best rate is kept")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     if not 1 <= args.clients <= len(PROMPTS):
         parser.error(f"--clients must be in 1..{len(PROMPTS)}")
     prompts = PROMPTS[: args.clients]

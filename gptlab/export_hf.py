@@ -35,9 +35,9 @@ import torch
 
 from gptlab.config import GPTConfig
 from gptlab.decoder import DecoderConfig
+from gptlab.tokenizer import EOT_ID, VOCAB_SIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GPT2_EOT = 50256
 CLASSIFIER_PAD = -1
 """``pad_token_id`` of an exported classifier: no input holds it, so HF pools the last position, as gptlab does."""
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -100,8 +100,8 @@ def _gpt2_config(cfg: GPTConfig, tokens: SpecialTokens) -> dict[str, Any]:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
-        "bos_token_id": tokens.bos_id if tokens.bos_id is not None else GPT2_EOT,
-        "eos_token_id": tokens.eos_id if tokens.eos_id is not None else GPT2_EOT,
+        "bos_token_id": tokens.bos_id if tokens.bos_id is not None else EOT_ID,
+        "eos_token_id": tokens.eos_id if tokens.eos_id is not None else EOT_ID,
         "tie_word_embeddings": cfg.tied,
     }
 
@@ -398,7 +398,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | torch.dty
     from safetensors.torch import save_file
 
     from gptlab.checkpoint import CheckpointError, load_checkpoint, model_state
-    from gptlab.fileio import make_temp, replace_dir
+    from gptlab.fileio import atomic_dir
     from gptlab.lora import merge_lora
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -422,18 +422,17 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | torch.dty
         tok = HFTokenizer.from_dir(checkpoint)
         tokens = SpecialTokens(tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids)
     elif kind == "gpt2":
-        if model.config.vocab_size != 50257:
+        if model.config.vocab_size != VOCAB_SIZE:
             raise HFExportError(
-                f"{checkpoint / 'config.json'}: tokenizer 'gpt2' has 50257 tokens but the model's vocab_size is "
+                f"{checkpoint / 'config.json'}: tokenizer 'gpt2' has {VOCAB_SIZE} tokens but the model's vocab_size is "
                 f"{model.config.vocab_size}; no tokenizer to export with it"
             )
-        tokens = SpecialTokens(GPT2_EOT, GPT2_EOT, GPT2_EOT, (GPT2_EOT,))
+        tokens = SpecialTokens(EOT_ID, EOT_ID, EOT_ID, (EOT_ID,))
     else:
         raise HFExportError(f"{checkpoint / 'config.json'}: unknown tokenizer {kind!r} (expected gpt2 or hf)")
     export = to_hf(model_state(model), data, tokens, dtype=dtype)
     del model
-    tmp = make_temp(out, directory=True)
-    try:
+    with atomic_dir(out) as tmp:  # on any error `out` is left as it was
         save_file(export.state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(export.config, indent=2) + "\n")
         if export.generation is not None:
@@ -445,8 +444,4 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | torch.dty
         else:
             max_length = data["model"].get("context_length", 1024)
             _write_gpt2_tokenizer(tmp, max_length=max_length, classifier=classifier)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

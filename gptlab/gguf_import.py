@@ -106,7 +106,7 @@ def config_from_gguf(meta: dict[str, Any], *, name: str = "custom", source: str 
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFImportError(
-            f"{source}: architecture {arch!r} is not supported ({', '.join([*ARCHITECTURES, 'gpt2'])})"
+            f"{source}: architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)}; gpt2: load_gguf)"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -252,6 +252,10 @@ def load_gguf(
     # them before the weights are built keeps them out of the peak.
     reader.fields.clear()
     arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES and arch != "gpt2":
+        raise GGUFImportError(
+            f"{path}: architecture {arch!r} is not supported ({', '.join([*ARCHITECTURES, 'gpt2'])})"
+        )
     names = {t.name for t in reader.tensors}
     if arch == "gpt2":
         config = gpt2_config_from_gguf(meta, name=name or path.stem, source=str(path))
