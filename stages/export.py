@@ -5,7 +5,7 @@
 Each export is read back with gptlab's own importers (:mod:`gptlab.importing`) and compared with the checkpoint
 on fixed prompts: the largest logit difference and whether greedy continuations agree are the stage's metrics,
 so a broken export shows in ``dvc metrics show``, not at the user's ``ollama run``. The files are logged to the
-stage's MLflow run and tagged onto the newest registered version of the DPO model.
+stage's MLflow run and tagged onto the registered version of the DPO model whose weights they are.
 
 A model GGUF cannot carry (a SentencePiece vocabulary such as Gemma 3's) gets the Hugging Face export alone, and
 a GGUF gptlab cannot read back (Llama 3.1+'s ``rope_freqs``) goes unchecked: the metrics say which, and why.
@@ -109,18 +109,17 @@ def export_model(params: ExportParams, checkpoint: Path, hf_out: Path, gguf_out:
     return metrics
 
 
-def tag_registered_version(run_id: str, gguf_name: str | None) -> None:
-    """Point the newest registered DPO model version at this run's exports (MLflow's model registry)."""
-    client = tracking.mlflow.MlflowClient()
-    versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
-    if not versions:
-        return  # the DPO stage did not register a model (e.g. run outside the pipeline)
-    newest = max(versions, key=lambda v: int(v.version))
+def tag_registered_version(checkpoint: Path, run_id: str, gguf_name: str | None) -> None:
+    """Point the registered DPO model version of ``checkpoint``'s weights at this run's exports."""
+    version = tracking.registered_version(REGISTERED_NAME, checkpoint)
+    if version is None:
+        return  # the DPO stage did not register these weights (e.g. run outside the pipeline)
     tags = {"gptlab.export.run_id": run_id, "gptlab.export.hf": f"runs:/{run_id}/hf"}
     if gguf_name is not None:
         tags["gptlab.export.gguf"] = f"runs:/{run_id}/gguf/{gguf_name}"
+    client = tracking.mlflow.MlflowClient()
     for key, value in tags.items():
-        client.set_model_version_tag(REGISTERED_NAME, newest.version, key, value)
+        client.set_model_version_tag(REGISTERED_NAME, version.version, key, value)
 
 
 @stage_main("export")
@@ -143,7 +142,7 @@ def main() -> None:
         if written:
             tracking.mlflow.log_artifact(str(args.gguf), artifact_path="gguf")
             tracking.mlflow.log_artifact(str(modelfile_path(args.gguf)), artifact_path="gguf")
-        tag_registered_version(run.info.run_id, args.gguf.name if written else None)
+        tag_registered_version(args.model, run.info.run_id, args.gguf.name if written else None)
     if "gguf" in metrics:
         print(f"export: GGUF {metrics['gguf']}")
     gguf = f"{metrics['gguf_greedy_match']:.2f}" if "gguf_greedy_match" in metrics else "-"

@@ -78,3 +78,33 @@ def test_a_gguf_gptlab_cannot_read_back_is_reported_unchecked(tmp_path) -> None:
     m = export_model(ExportParams(check_prompts=["hello"]), ckpt, tmp_path / "hf", tmp_path / "m.gguf")
     assert m["gguf"].startswith("exported, not checked") and "rope_freqs" in m["gguf"]
     assert m["hf_greedy_match"] == 1.0 and m["gguf_bytes"] > 0 and "gguf_greedy_match" not in m
+
+
+def test_the_registered_version_of_the_exported_weights_is_tagged(tmp_path) -> None:
+    """Another, newer version (another profile's DPO model, say) is left alone: versions are matched by weights."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from stages import tracking
+    from stages.export import REGISTERED_NAME, tag_registered_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        ours = tiny_checkpoint(tmp_path / "ours", stage="dpo")
+        other = tiny_chat_checkpoint(tmp_path / "other", stage="dpo")
+        client = MlflowClient()
+        client.create_registered_model(REGISTERED_NAME)
+        for checkpoint in (ours, other):
+            digest = tracking.weights_sha256(checkpoint)
+            client.create_model_version(REGISTERED_NAME, str(checkpoint), tags={tracking.WEIGHTS_TAG: digest})
+        tag_registered_version(ours, "run123", "m.gguf")
+        first, second = (client.get_model_version(REGISTERED_NAME, v) for v in ("1", "2"))
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert first.tags["gptlab.export.run_id"] == "run123"
+    assert first.tags["gptlab.export.gguf"] == "runs:/run123/gguf/m.gguf"
+    assert "gptlab.export.run_id" not in second.tags
