@@ -11,7 +11,7 @@ from pipelines.flow import pipeline
 from pipelines.graph import dvc_stages
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
 
 
 @pytest.fixture

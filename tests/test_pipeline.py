@@ -18,7 +18,7 @@ from clones import clean_env, git, make_clone, run, set_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "export", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
 REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": "gptlab-dpo"}
 
 
