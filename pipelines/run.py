@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry errors offline
+    # Prefect waits 20 s for its temporary server, which a slow or busy 2-core machine can take just to start it
+    # (database migrations included); a run that does work is minutes long, so wait up to two minutes.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     log = Path("logs") / f"pipeline-{run_id}.log"
     console = log_to_file(ROOT / log)
     print(f"pipeline {run_id} (full log: {log})", file=console)
