@@ -131,11 +131,7 @@ case "$cmd" in
   setup) setup ;;
   test)
     setup
-    # Test files go to worker processes (pytest-xdist, one file per worker at a time): most end-to-end tests wait
-    # on process start-up with one core busy, so two workers fill a 2-core machine. `-n 0` runs in one process.
-    workers=${GPTLAB_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
-    if [ "$workers" -lt 2 ]; then workers=2; elif [ "$workers" -gt 4 ]; then workers=4; fi
-    exec "$VENV/bin/python" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
+    exec "$VENV/bin/python" -m pytest "$@"
     ;;
   pipeline)
     setup

@@ -92,7 +92,7 @@ def clean_env(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], root: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+def run(cmd: list[str], root: Path, env: dict[str, str], timeout: int = 1800) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(

@@ -76,21 +76,3 @@ def smollm2_dir():
             f"{path}: SmolLM2-135M-Instruct not fetched (run `gptlab fetch-model smollm2-135m-instruct`)"
         )
     return path
-
-
-# The longest single test file; started first so that the other worker runs the rest of the suite beside it.
-_LONGEST_FIRST = ("test_book_ch5.py",)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order files for `./run.sh test`'s workers (pytest-xdist, `--dist loadfile --no-loadscope-reorder`):
-    the longest file first, then every file holding end-to-end (`slow`) tests, then the quick ones, each group
-    in its usual order, so the long files start early instead of ending the run alone."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def rank(item: pytest.Item) -> int:
-        if item.path.name in _LONGEST_FIRST:
-            return 0
-        return 1 if item.path in slow_files else 2
-
-    items.sort(key=rank)  # stable: tests keep their order within a file and group
