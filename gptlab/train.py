@@ -532,9 +532,8 @@ def train(
         gathered = False
         if step % cfg.log_interval == 0 or is_eval or is_checkpoint:
             check_finite()
-        if fsdp and (
-            is_eval or is_checkpoint
-        ):  # evaluation (and its callbacks) and checkpoints read the model
+        # Evaluation (with its callbacks) and checkpoints read the whole model: gather it only for them.
+        if fsdp and (is_eval or is_checkpoint):
             distributed.copy_full_weights(trained, model)
             gathered = True
         if step % cfg.log_interval == 0 or is_last:

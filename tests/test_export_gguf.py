@@ -454,13 +454,26 @@ def test_unmerged_lora_checkpoint_exports_merged_weights(tmp_path) -> None:
         torch.testing.assert_close(imported(IDS), want, atol=1e-4, rtol=1e-4)
 
 
-def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path) -> None:
-    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 64}
+LLAMA31_SCALING = {
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_context_length": 64,
+}
+
+
+def rope_scaled_llama_checkpoint(path: Path) -> Path:
+    """A tiny Llama 3.1-style checkpoint (RoPE scaling, theta 500k) with a byte-level BPE tokenizer."""
     cfg = DecoderConfig(
         family="llama", vocab_size=273, context_length=128, n_layer=1, n_head=4, n_kv_head=2, n_embd=64,
-        intermediate_size=128, rope_theta=500000.0, rope_scaling=scaling,
+        intermediate_size=128, rope_theta=500000.0, rope_scaling=LLAMA31_SCALING,
     )  # fmt: skip
-    save_checkpoint(Decoder(cfg), tmp_path / "ckpt", tokenizer=_tiny_tokenizer("llama-bpe"))
+    return save_checkpoint(Decoder(cfg), path, tokenizer=_tiny_tokenizer("llama-bpe"))
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path) -> None:
+    scaling = LLAMA31_SCALING
+    rope_scaled_llama_checkpoint(tmp_path / "ckpt")
     from gguf import GGUFReader
 
     reader = GGUFReader(

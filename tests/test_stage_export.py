@@ -64,17 +64,9 @@ def test_a_vocabulary_gguf_cannot_carry_gets_the_hf_export_alone(tmp_path) -> No
 
 def test_a_gguf_gptlab_cannot_read_back_is_reported_unchecked(tmp_path) -> None:
     """Llama 3.1+ RoPE scaling goes into llama.cpp's rope_freqs, which gptlab does not import."""
-    from test_export_gguf import _tiny_tokenizer
+    from test_export_gguf import rope_scaled_llama_checkpoint
 
-    from gptlab.checkpoint import save_checkpoint
-    from gptlab.decoder import Decoder, DecoderConfig
-
-    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 64}
-    cfg = DecoderConfig(
-        family="llama", vocab_size=273, context_length=128, n_layer=1, n_head=4, n_kv_head=2, n_embd=64,
-        intermediate_size=128, rope_theta=500000.0, rope_scaling=scaling,
-    )  # fmt: skip
-    ckpt = save_checkpoint(Decoder(cfg), tmp_path / "dpo", tokenizer=_tiny_tokenizer("llama-bpe"))
+    ckpt = rope_scaled_llama_checkpoint(tmp_path / "dpo")
     m = export_model(ExportParams(check_prompts=["hello"]), ckpt, tmp_path / "hf", tmp_path / "m.gguf")
     assert m["gguf"].startswith("exported, not checked") and "rope_freqs" in m["gguf"]
     assert m["hf_greedy_match"] == 1.0 and m["gguf_bytes"] > 0 and "gguf_greedy_match" not in m
