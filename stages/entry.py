@@ -7,8 +7,6 @@ import os
 import sys
 from collections.abc import Callable
 
-import torch
-
 
 def stage_main(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     """Run a stage's main so that expected failures print one line (``<stage>: error: …``) and exit 2."""
@@ -29,6 +27,8 @@ def stage_main(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
 
 def resolve_device(device: str) -> str:
     """``auto``: CUDA if present, else the CPU. Under ``torchrun`` each rank takes the GPU of its local rank."""
+    import torch  # here, not at import: the stages that never touch a model (download, tokenize) skip its ~2 s
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

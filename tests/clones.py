@@ -18,7 +18,9 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "tests@gptlab.invalid",
 }
 
-# A few steps per stage: the whole pipeline in about a minute (tests of wiring, not of quality).
+# A few steps per stage: the whole pipeline in about a minute (tests of wiring, not of quality: the stage
+# functions' own tests make the quality claims).
+FEW_STEPS = {"epochs": None, "max_steps": 2, "warmup_steps": 0, "eval_interval": 100, "eval_batches": 1}
 TINY_PARAMS = {
     "pretrain": {
         "train": {
@@ -32,13 +34,9 @@ TINY_PARAMS = {
     },
     "base_model": {"eval_batches": 1},
     # LoRA kept separate exercises the adapter save/load path end to end.
-    "classify": {
-        "trainable": "lora",
-        "lora": {"merge": False},
-        "train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100},
-    },
-    "sft": {"train": {"epochs": 1, "warmup_steps": 0, "eval_interval": 100}, "max_new_tokens": 2},
-    "dpo": {"train": {"epochs": 1, "eval_interval": 100}, "max_new_tokens": 2},
+    "classify": {"trainable": "lora", "lora": {"merge": False}, "train": FEW_STEPS},
+    "sft": {"train": FEW_STEPS, "max_new_tokens": 2},
+    "dpo": {"train": FEW_STEPS, "max_new_tokens": 2},
 }
 
 

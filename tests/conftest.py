@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from datasets_server import serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="the release check: the book's whole ch. 5 run (90 steps) instead of its first 16 steps",
+    )
+
+
+@pytest.fixture(scope="session")
+def full_run(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--full"))
 
 
 def _shared_dir() -> Path:
@@ -53,12 +72,68 @@ def server(shared_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server for the whole session (starting one costs ~20 s)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the whole session (``prefect server start``, its scheduler included, on a
+    free loopback port): the in-process flows, the shared pipeline run and the deployment tests all use it. Its
+    API URL is this process's Prefect setting while the session lasts; subprocesses get it explicitly."""
+    import urllib.request
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    from background import background, free_port, tail, wait_for
+    from clones import clean_env
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = clean_env(
+        home,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        # A run kept waiting by a deployment's concurrency limit retries after this (default 30 s).
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
+    )
+    cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    log = home / "server.log"
+    api = f"http://127.0.0.1:{port}/api"
+    with background([*cmd, "--port", str(port)], home, env, log) as proc:
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prefect server exited ({proc.returncode}):\n{tail(log)}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                return r.status == 200
+            return False
+
+        wait_for(healthy, 180, f"prefect server on port {port}")
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield api
+
+
+@dataclass
+class SampleRun:
+    """The shared run: ``root`` a clone whose pipeline ran once; ``proc`` what ``./run.sh pipeline`` printed."""
+
+    root: Path
+    proc: subprocess.CompletedProcess
+
+    def copy(self, dst: Path) -> Path:
+        """A copy to change (params, outputs, MLflow, DVC remotes): the shared clone itself stays as it ran."""
+        shutil.copytree(self.root, dst, symlinks=True)
+        return dst
+
+
+@pytest.fixture(scope="session")
+def sample_run(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> SampleRun:
+    """The README's main command, ``./run.sh pipeline``, once for the whole session in a fresh clone with tiny
+    params committed (every stage, the Prefect flow on the session's server, MLflow in the clone's SQLite
+    store): the pipeline, flow, report and bad-input tests read from it, and copy it where they change it."""
+    from clones import TINY_PARAMS, clean_env, git, make_clone, run, set_params
+
+    root = make_clone(tmp_path_factory.mktemp("sample-run") / "gptlab")
+    set_params(root, TINY_PARAMS)
+    git("commit", "-qam", "tiny params", cwd=root)
+    proc = run(["./run.sh", "pipeline"], root, clean_env(root, PREFECT_API_URL=prefect_server))
+    return SampleRun(root, proc)
 
 
 @pytest.fixture(scope="module")

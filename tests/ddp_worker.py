@@ -1,9 +1,10 @@
-"""One training run for tests/test_distributed.py: in-process (one rank), or under ``torchrun`` (each rank).
+"""Training runs for tests/test_distributed.py: in-process (one rank), or under ``torchrun`` (each rank).
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [GRAD_ACCUM [CHECKPOINT_DIR|- [MAX_STEPS
-        [ddp|fsdp]]]]
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py CASES.json
 
-Rank 0 writes the history and the final weights to OUT_DIR.
+``CASES.json`` is a list of runs, ``{"out", "grad_accum", "checkpoint", "max_steps", "parallelism"}`` each; the
+ranks run them one after another in one process group (one launch instead of one per case: the interpreters'
+start-up is most of a case's cost). Rank 0 writes each run's history and final weights to its ``out``.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def run(
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    run(
-        Path(args[0]),
-        int(args[1]) if len(args) > 1 else 1,
-        Path(args[2]) if len(args) > 2 and args[2] != "-" else None,
-        int(args[3]) if len(args) > 3 else 8,
-        args[4] if len(args) > 4 else "ddp",
-    )
+    for case in json.loads(Path(sys.argv[1]).read_text()):
+        run(
+            Path(case["out"]),
+            case.get("grad_accum", 1),
+            Path(case["checkpoint"]) if case.get("checkpoint") else None,
+            case.get("max_steps", 8),
+            case.get("parallelism", "ddp"),
+        )

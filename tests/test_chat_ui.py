@@ -142,14 +142,15 @@ def chat_page(tmp_path: Path) -> Iterator[Callable[[str], str]]:
             proc.wait()
 
 
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # Selenium talks to chromedriver over loopback
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """One headless Chromium for the module's page tests (each test loads its own page in it)."""
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # Selenium talks to chromedriver over loopback
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
         opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to list the page's requests
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)

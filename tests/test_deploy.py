@@ -1,22 +1,18 @@
 """The scheduled deployment (pipelines/deploy.py, prefect.yaml) against a real Prefect server.
 
-The fast tests build the deployment offline. The end-to-end ones start ``prefect server start`` (temporary home,
-free port) and, in a fresh clone with tiny params, ``python -m pipelines.deploy serve`` as a subprocess; they read
-the deployment back through the client, trigger runs and check what the runs did, in Prefect and in MLflow.
+The fast tests build the deployment offline. The end-to-end ones use the session's ``prefect server start``
+(conftest.py) and, in a fresh clone with tiny params, ``python -m pipelines.deploy serve`` as a subprocess; they
+read the deployment back through the client, trigger runs of short targets and check what the runs did, in
+Prefect and in MLflow. That the flow runs every stage is the shared pipeline run's to show (test_flow.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from uuid import UUID
 
 import pytest
 import yaml
+from background import background, free_port, tail, wait_for
 from clones import REPO, clean_env, make_clone, set_params
 from clones import TINY_PARAMS as TINY
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -35,11 +32,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, FlowRun, TaskRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from test_flow import STAGES
 
 from pipelines import deploy
 
 pytestmark = pytest.mark.slow
+STAGES = ["download", "tokenize"]  # what the triggered runs run: the short target "tokenize"
 BIN = Path(sys.executable).parent
 SERVED = "test-deploy"
 # Fewer optimizer steps in the three fine-tuning stages (TINY still runs a full epoch there), passed the way a
@@ -158,47 +155,6 @@ def test_prefect_yaml_is_the_one_definition(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- end to end: server + served deployment
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``check`` until it returns something truthy; bounded, so a hang fails instead of blocking CI."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A subprocess in its own process group (uvicorn and flow-run children included), always shut down."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        for sig, grace in (
-            (signal.SIGTERM, 20),
-            (signal.SIGKILL, 10),
-        ):  # graceful first: serve pauses its schedule
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
-                break
-
-
-def tail(log: Path, n: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-
-
 @dataclass
 class Served:
     api: str
@@ -239,42 +195,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = clean_env(
-        home,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        # A run kept waiting by the deployment's concurrency limit retries after this (default 30 s).
-        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
-    )
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    log = home / "server.log"
-    api = f"http://127.0.0.1:{port}/api"
-    with background(cmd, home, env, log) as proc:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prefect server exited ({proc.returncode}):\n{tail(log)}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                return r.status == 200
-            return False
-
-        wait_for(healthy, 120, f"prefect server on port {port}")
-        yield api
-
-
-@pytest.fixture(scope="module")
 def served(
-    prefect_api: str, tmp_path_factory: pytest.TempPathFactory, gpt2_tiktoken_file: Path
+    prefect_server: str, tmp_path_factory: pytest.TempPathFactory, gpt2_tiktoken_file: Path
 ) -> Iterator[Served]:
     clone = make_clone(tmp_path_factory.mktemp("deploy") / "gptlab")
     set_params(clone, TINY)
     env = clean_env(
         clone,
-        PREFECT_API_URL=prefect_api,
+        PREFECT_API_URL=prefect_server,
         PREFECT_RUNNER_POLL_FREQUENCY="1",  # default 10 s between polls for triggered runs
         GPTLAB_TIKTOKEN_FILE=str(gpt2_tiktoken_file),  # offline tokenizer (the autouse fixture is per test)
         GPTLAB_CACHE=str(tmp_path_factory.getbasetemp() / "gptlab-cache"),
@@ -285,7 +213,7 @@ def served(
     cmd += [arg for item in FAST for arg in ("--set-param", item)]
     log = clone.parent / "serve.log"
     with background(cmd, clone, env, log) as proc:
-        state = Served(prefect_api, clone, env, log)
+        state = Served(prefect_server, clone, env, log)
 
         def registered() -> bool:
             if proc.poll() is not None:
@@ -322,10 +250,10 @@ def test_served_deployment_is_registered_with_schedule_parameters_and_limit(serv
         assert {(r.expected_start_time.hour, r.expected_start_time.minute) for r in upcoming} == {(3, 0)}
 
 
-def test_triggered_run_completes_every_stage_and_logs_them_to_mlflow(served: Served) -> None:
+def test_triggered_run_completes_its_stages_and_logs_them_to_mlflow(served: Served) -> None:
     from mlflow import MlflowClient
 
-    run_id = served.trigger()
+    run_id = served.trigger(target="tokenize")
     run = served.wait(run_id, timeout=420)
     assert run.state.is_completed(), f"{run.state}\n{tail(served.log)}"
     tasks = served.task_runs(run_id, len(STAGES))

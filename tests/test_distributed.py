@@ -18,15 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 TIMING = ("tokens_per_sec", "peak_memory_mb", "mfu")
 
 
-def torchrun(*args: str) -> None:
+def torchrun(cases: list[dict], tmp: Path) -> None:
+    """One ``torchrun`` launch of two ranks that run ``cases`` one after another (see ddp_worker.py)."""
+    spec = tmp / "cases.json"
+    spec.write_text(
+        json.dumps([{k: str(v) if isinstance(v, Path) else v for k, v in c.items()} for c in cases])
+    )
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*cmd, str(REPO / "tests" / "ddp_worker.py"), *args],
+        [*cmd, str(REPO / "tests" / "ddp_worker.py"), str(spec)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -46,45 +51,78 @@ def assert_same_run(history, weights, ref) -> None:
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+STRATEGIES = ("ddp", "fsdp")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every two-rank run of this module in one launch: the DDP/FSDP x accumulation matrix, and per strategy a
+    run stopped after its step-4 checkpoint (max_steps=4, constant lr: the first half of the same run) that a
+    second run resumes, plus a stopped FSDP run whose checkpoint is left as it was written."""
+    tmp = tmp_path_factory.mktemp("two-ranks")
+    cases: list[dict] = []
+    for parallelism in STRATEGIES:
+        for accum in (1, 2):
+            cases.append(
+                {"out": tmp / f"multi-{parallelism}-{accum}", "grad_accum": accum, "parallelism": parallelism}
+            )
+        ck = tmp / f"ck-{parallelism}"
+        cases.append(
+            {
+                "out": tmp / f"first-{parallelism}",
+                "checkpoint": ck,
+                "max_steps": 4,
+                "parallelism": parallelism,
+            }
+        )
+        cases.append({"out": tmp / f"resumed-{parallelism}", "checkpoint": ck, "parallelism": parallelism})
+    cases.append(
+        {"out": tmp / "stopped-fsdp", "checkpoint": tmp / "ck-stopped", "max_steps": 4, "parallelism": "fsdp"}
+    )
+    torchrun(cases, tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """One process's run of the same global batches, per accumulation count (in this process)."""
+    tmp = tmp_path_factory.mktemp("single")
+    return {accum: run(tmp / str(accum), accum) for accum in (1, 2)}
+
+
+@pytest.mark.parametrize("parallelism", STRATEGIES)
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_ranks_reproduce_one_process(tmp_path, grad_accum, parallelism) -> None:
-    ref = run(tmp_path / "single", grad_accum)
-    torchrun(str(tmp_path / "multi"), str(grad_accum), "-", "8", parallelism)
-    history, weights = results(tmp_path / "multi")
-    assert_same_run(history, weights, ref)
+def test_two_ranks_reproduce_one_process(two_ranks, single, grad_accum, parallelism) -> None:
+    history, weights = results(two_ranks / f"multi-{parallelism}-{grad_accum}")
+    assert_same_run(history, weights, single[grad_accum])
     assert [r["step"] for r in history if "val_loss" in r] == [4, 8]
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_stopped_run_resumes_from_its_checkpoint(tmp_path, parallelism) -> None:
-    ref = run(tmp_path / "single")
-    # Stop after the step-4 checkpoint (max_steps=4, constant lr: the first half of the same run), then resume.
-    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4", parallelism)
-    torchrun(str(tmp_path / "multi"), "1", str(tmp_path / "ck"), "8", parallelism)
-    history, weights = results(tmp_path / "multi")
-    assert_same_run(history, weights, ref)
-    first, _ = results(tmp_path / "first")
+@pytest.mark.parametrize("parallelism", STRATEGIES)
+def test_stopped_run_resumes_from_its_checkpoint(two_ranks, single, parallelism) -> None:
+    history, weights = results(two_ranks / f"resumed-{parallelism}")
+    assert_same_run(history, weights, single[1])
+    first, _ = results(two_ranks / f"first-{parallelism}")
     assert (
         history[:4] == first
     )  # carried from the checkpoint, timing figures included: steps 1-4 did not rerun
 
 
-def test_fsdp_checkpoint_is_an_ordinary_checkpoint_with_sharded_optimizer_state(tmp_path) -> None:
+def test_fsdp_checkpoint_is_an_ordinary_checkpoint_with_sharded_optimizer_state(two_ranks, tmp_path) -> None:
     """FSDP's checkpoint holds the whole model (safetensors, as every stage reads) and the optimizer state gathered by
     parameter name; a single-process run refuses to resume it with a message instead of mis-reading it."""
     from gptlab.checkpoint import load_checkpoint
 
-    torchrun(str(tmp_path / "first"), "1", str(tmp_path / "ck"), "4", "fsdp")
-    model, _ = load_checkpoint(tmp_path / "ck")
-    _, weights = results(tmp_path / "first")
+    ck = two_ranks / "ck-stopped"
+    model, _ = load_checkpoint(ck)
+    _, weights = results(two_ranks / "stopped-fsdp")
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, weights[name])
-    state = torch.load(tmp_path / "ck" / "training_state.pt", weights_only=True)
+    state = torch.load(ck / "training_state.pt", weights_only=True)
     assert state["optimizer_layout"] == "sharded"
     assert "transformer.h.0.attn.c_attn.weight" in state["optimizer"]["state"]
     with pytest.raises(ValueError, match="parallelism: fsdp.*resume it the same way"):
-        run(tmp_path / "single", 1, tmp_path / "ck", 8)
+        run(tmp_path / "single", 1, ck, 8)
 
 
 @pytest.mark.slow

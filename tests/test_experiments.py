@@ -89,8 +89,9 @@ def clone(tmp_path_factory) -> Path:
     return root
 
 
-def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, clone: Path) -> None:
-    env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server)
+def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, prefect_server: str, clone: Path) -> None:
+    # The session's Prefect server records the flows (a temporary one per run would cost ~30 s each to start).
+    env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server)
     run(["./run.sh", "pipeline", "--target", "base_model"], clone, env)
     run(
         ["./run.sh", "pipeline", "--target", "base_model", "--set-param", "pretrain.train.lr=0.002"],

@@ -1,7 +1,8 @@
-"""Fault suite: ``kill -9`` at seeded random moments, then rerun, as an unlucky user would.
+"""Fault suite: ``kill -9`` at the moments that matter, then rerun, as an unlucky user would.
 
-Pretraining killed anywhere (start-up, between checkpoints, mid-save, during the final write into
-``models/pretrain``) resumes to byte-identical weights and metrics; a download killed mid-transfer resumes from
+Pretraining killed at each kind of moment (during start-up, mid-step between checkpoints, while a checkpoint is
+being written, during the final write into ``models/pretrain``) reruns to byte-identical weights and metrics,
+resuming from its last checkpoint where it had one; a download killed mid-transfer resumes from
 its partial file; and after each successful rerun no temp directory is left under ``data/``, ``models/`` or
 ``work/``. Interrupted runs whose params were changed back (so DVC's run cache serves the rerun) leave no work
 directory behind either.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,7 +28,6 @@ from clones import clean_env, make_clone, run, set_params
 from datasets_server import serve
 
 pytestmark = pytest.mark.slow
-TRIALS = 10
 TINY_PRETRAIN = {
     "pretrain": {
         "model": "gpt-micro",
@@ -130,37 +129,48 @@ def checkpoints_seen(work: Path):
     return count
 
 
-def test_pretrain_killed_at_random_moments_resumes_byte_identical(clone: Path) -> None:
+def kill_points(root: Path) -> list[tuple[str, object, bool]]:
+    """(moment, predicate that says it has come, whether the rerun resumes from a checkpoint)."""
+    work, models = root / "work" / "pretrain", root / "models"
+    started = time.monotonic
+
+    def after(seconds: float):
+        t0 = started()
+        return lambda: started() - t0 >= seconds
+
+    def mid_step():
+        count = checkpoints_seen(work)
+        return lambda: count() >= 2 and (time.sleep(0.01) or True)  # a step after the second checkpoint
+
+    def mid_checkpoint_write():
+        count = checkpoints_seen(work)
+        return lambda: count() >= 1 and any(work.glob(".*.tmp"))  # a later save's temp directory exists
+
+    return [
+        ("start-up", lambda: after(0.5), False),  # still importing: nothing written yet
+        ("mid-step", mid_step, True),
+        ("mid-checkpoint-write", mid_checkpoint_write, True),
+        ("final write", lambda: lambda: any(models.glob(".pretrain.*.tmp")), True),
+    ]
+
+
+def test_pretrain_killed_at_each_moment_reruns_byte_identical(clone: Path) -> None:
     run(PRETRAIN, clone, env(clone))
     reference = fingerprint(clone)
     assert not (clone / "work" / "pretrain").exists() and leftovers(clone) == []
-    rng = random.Random(20261201)
-    resumed = 0
-    for trial in range(TRIALS):
+    for phase, make_predicate, resumes in kill_points(clone):
         for rel in ("models/pretrain", "work/pretrain"):
             subprocess.run(["rm", "-rf", str(clone / rel)], check=True)
+        predicate = make_predicate()
         proc = start(PRETRAIN, clone, env(clone))
-        if trial == TRIALS - 1:
-            # The last trial dies while the final model is being written into models/.
-            phase = "final write"
-            reached = wait_for(lambda: any((clone / "models").glob(".pretrain.*.tmp")), proc)
-        else:
-            target = rng.randint(0, 12)  # checkpoints to wait for (40 steps, one every 3)
-            phase = f"after checkpoint {target}"
-            count = checkpoints_seen(clone / "work" / "pretrain")
-            reached = wait_for(lambda c=count, t=target: c() >= t, proc)
-            time.sleep(rng.uniform(0.0, 0.05))  # into the next step, or mid-save
-        if not reached:
-            pytest.fail(f"trial {trial}: the stage ended before {phase}:\n{proc.communicate()[0]}")
+        if not wait_for(predicate, proc):
+            pytest.fail(f"{phase}: the stage ended before that moment:\n{proc.communicate()[0]}")
         kill9(proc)
         out = run(PRETRAIN, clone, env(clone)).stdout
-        resumed += "pretrain: resuming from" in out
-        assert fingerprint(clone) == reference, f"trial {trial} ({phase}) differs; resume output:\n{out}"
+        assert ("pretrain: resuming from" in out) == resumes, f"{phase}: rerun output:\n{out}"
+        assert fingerprint(clone) == reference, f"{phase}: the rerun differs; its output:\n{out}"
         assert not (clone / "work" / "pretrain").exists()
-        assert leftovers(clone) == [], f"trial {trial} ({phase})"
-    assert (
-        resumed >= TRIALS // 2
-    )  # most kills land after a checkpoint: those runs resumed rather than restarted
+        assert leftovers(clone) == [], phase
 
 
 def interrupted_run(clone: Path, max_steps: int) -> Path:

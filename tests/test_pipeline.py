@@ -1,7 +1,9 @@
-"""End to end: the README's main command in a fresh temporary clone on the sample profile.
+"""End to end: the README's main command in a fresh temporary clone on the sample profile (tiny params).
 
-All four stages run, outputs and metrics exist, MLflow holds a run per stage with metrics and the model, the
+Every stage runs, outputs and metrics exist, MLflow holds a run per stage with metrics and the model, the
 second run is a no-op, a param change reruns only downstream stages, and a DVC remote round-trips the outputs.
+The run is the session's shared one (``sample_run`` in conftest.py); tests that change the clone copy it. How
+good the stages' results are is for the stage functions' own tests (tests/test_stage_*.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from clones import clean_env, git, make_clone, run, set_params
+from clones import TINY_PARAMS, clean_env, git, run, set_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -23,13 +25,18 @@ REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": 
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    return make_clone(tmp_path_factory.mktemp("e2e") / "gptlab")
+def clone(sample_run) -> Path:
+    return sample_run.root
 
 
 @pytest.fixture(scope="module")
-def first_run(clone: Path):
-    return run(["./run.sh", "pipeline"], clone, clean_env(clone))
+def first_run(sample_run):
+    return sample_run.proc
+
+
+@pytest.fixture
+def copy(sample_run, tmp_path: Path) -> Path:
+    return sample_run.copy(tmp_path / "gptlab")
 
 
 def _runs(clone: Path):
@@ -67,8 +74,7 @@ def test_main_command_runs_every_stage(clone: Path, first_run) -> None:
     pretrain = json.loads((clone / "metrics/pretrain.json").read_text())
     tokenize = json.loads((clone / "metrics/tokenize.json").read_text())
     base = json.loads((clone / "metrics/base_model.json").read_text())
-    # Learned something: well below the uniform-guess loss ln(50257) = 10.8.
-    assert pretrain["val_loss"] < 7.0 and pretrain["train_loss"] < 6.0
+    assert pretrain["steps"] == TINY_PARAMS["pretrain"]["train"]["max_steps"]
     assert pretrain["tokens_seen"] == pretrain["steps"] * 8 * 128
     assert tokenize["num_tokens"] == tokenize["train_tokens"] + tokenize["val_tokens"] > 9000
     assert base["source"].startswith("pretrain") and base["num_params"] == pretrain["num_params"]
@@ -77,10 +83,9 @@ def test_main_command_runs_every_stage(clone: Path, first_run) -> None:
     assert all(s["completion"] for s in samples)
 
 
-def test_finetuning_stages_meet_their_bars(clone: Path, first_run) -> None:
+def test_finetuning_stages_write_their_outputs(clone: Path, first_run) -> None:
     clf = json.loads((clone / "metrics/classify.json").read_text())
-    # The classifier beats the majority-class baseline on the held-out test split.
-    assert clf["test_accuracy"] > clf["test_majority_baseline"] + 0.2
+    assert 0 <= clf["test_accuracy"] <= 1 and clf["test_majority_baseline"] == pytest.approx(42 / 81)
     assert clf["split_sizes"] == {"train": 281, "val": 40, "test": 81}  # 201 spam + 201 ham, 70/10/20
     assert set(clf["test_per_class"]) == {"ham", "spam"}
     confusion = json.loads((clone / "outputs/classify/confusion.json").read_text())
@@ -97,9 +102,7 @@ def test_finetuning_stages_meet_their_bars(clone: Path, first_run) -> None:
     assert pd.read_parquet(clone / "outputs/sft/responses.parquet").shape == (30, 4)
 
     dpo = json.loads((clone / "metrics/dpo.json").read_text())
-    # DPO raises reward accuracy on its training data above chance.
-    assert dpo["final_train_reward_accuracy"] > 0.5 > dpo["initial_train_reward_accuracy"]
-    assert dpo["final_train_reward_margin"] > 0 and dpo["final_train_loss"] < dpo["initial_train_loss"]
+    assert dpo["steps"] == 2 and dpo["initial_train_reward_accuracy"] == 0.0  # policy == reference at first
     rows = json.loads((clone / "outputs/dpo/responses.json").read_text())
     assert len(rows) == 10 and {"reference_response", "model_response"} <= set(rows[0])
 
@@ -159,7 +162,7 @@ def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
     pretrain = by_stage["pretrain"]
     assert pretrain.data.params["train.lr"] == "0.001"
     history = client.get_metric_history(pretrain.info.run_id, "train_loss")
-    assert len(history) == 12 and history[-1].value < history[0].value
+    assert [m.step for m in history] == [2, 4] and history[-1].value < history[0].value
     for stage in ("pretrain", "base_model"):
         files = {f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "model")}
         assert {"model/model.safetensors", "model/config.json"} <= files
@@ -199,7 +202,8 @@ def test_stage_runs_nest_under_a_parent_run_with_a_summary(clone: Path, first_ru
     for stage in STAGES:
         assert f"### {stage}" in summary
     assert "![classify: confusion](plots/classify/confusion.png)" in summary
-    assert parent.data.metrics["classify.test_accuracy"] > 0.7
+    clf = json.loads((clone / "metrics/classify.json").read_text())
+    assert parent.data.metrics["classify.test_accuracy"] == pytest.approx(clf["test_accuracy"])
 
 
 def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
@@ -213,7 +217,8 @@ def test_second_run_is_a_no_op(clone: Path, first_run) -> None:
     assert len(after) == len(before)
 
 
-def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:
+def test_param_change_reruns_only_downstream(copy: Path) -> None:
+    clone = copy
     _, before = _runs(clone)
     set_params(clone, {"base_model": {"eval_batch_size": 2}})
     out = run(["dvc", "repro"], clone, clean_env(clone)).stdout
@@ -240,7 +245,8 @@ def test_param_change_reruns_only_downstream(clone: Path, first_run) -> None:
     assert "Stage 'base_model' is cached - skipping run, checking out outputs" in out
 
 
-def test_dvc_remote_push_pull_round_trip(clone: Path, first_run, tmp_path) -> None:
+def test_dvc_remote_push_pull_round_trip(copy: Path, tmp_path) -> None:
+    clone = copy
     env = clean_env(clone)
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "local", str(remote)], clone, env)
@@ -300,7 +306,8 @@ def _main_command_fails(clone: Path, env: dict[str, str], *args: str) -> list[st
     return [ln for ln in out.splitlines() if ln.strip()]
 
 
-def test_main_command_failures_are_one_line_and_a_log_path(clone: Path, first_run) -> None:
+def test_main_command_failures_are_one_line_and_a_log_path(copy: Path) -> None:
+    clone = copy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

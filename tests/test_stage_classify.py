@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
 
@@ -60,3 +61,16 @@ def test_classify_a_llama_model_with_lora_on_its_projections(tmp_path) -> None:
     x = torch.tensor([[5, 70, 80, 90]])
     with torch.no_grad():
         torch.testing.assert_close(model(x), out.model(x))
+
+
+def test_classifier_beats_the_majority_baseline(tmp_path) -> None:
+    """The quality bar the ch. 6 stage must clear: on the held-out test split (81 messages) the classifier beats
+    always answering the majority class by more than 20 points."""
+    base = tiny_checkpoint(tmp_path / "base")
+    train = quick_train(max_steps=None, epochs=2, lr=1e-3, eval_interval=1000)
+    out = classify(
+        ClassifyParams(trainable="all", train=train, batch_size=8), base, SAMPLE / "SMSSpamCollection", "cpu"
+    )
+    m = out.metrics
+    assert m["test_majority_baseline"] == pytest.approx(42 / 81)  # the larger class: 42 of 81
+    assert m["test_accuracy"] > m["test_majority_baseline"] + 0.2

@@ -1,0 +1,55 @@
+"""Processes the end-to-end tests run in the background (servers, served deployments): a free loopback port,
+bounded waits, a process group that is always shut down, and the tail of its log for failure messages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``check`` until it returns something truthy; bounded, so a hang fails instead of blocking CI."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A subprocess in its own process group (uvicorn and flow-run children included), always shut down."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        for sig, grace in (
+            (signal.SIGTERM, 20),
+            (signal.SIGKILL, 10),
+        ):  # graceful first: serve pauses its schedule
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                break
+
+
+def tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
