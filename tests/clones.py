@@ -27,6 +27,7 @@ TINY_PARAMS = {
             "max_steps": 4,
             "warmup_steps": 0,
             "eval_interval": 2,
+            "eval_batches": 1,
             "checkpoint_interval": 0,
             "log_interval": 2,
         },

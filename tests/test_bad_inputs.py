@@ -33,7 +33,7 @@ import pytest
 import yaml
 from clones import clean_env, set_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
 INPUTS = [
     "params.yaml",
     "data/raw/corpus.txt",
@@ -378,6 +378,7 @@ def run_in_process(
     """``python -m MODULE ARGS`` as ``runpy`` in this process: cwd, argv and environment as the process gets them."""
     python, flag, module, *args = shlex.split(cmd)
     assert (python, flag) == ("python", "-m"), cmd
+    environ = dict(os.environ)  # the stage may set variables of its own (its run ids): none outlive the case
     with monkeypatch.context() as m:
         m.chdir(root)
         m.setattr(sys, "argv", [module, *args])
@@ -392,6 +393,8 @@ def run_in_process(
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         out, err = capsys.readouterr()
+    os.environ.clear()
+    os.environ.update(environ)
     return subprocess.CompletedProcess(cmd, code, out, err)
 
 

@@ -35,7 +35,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipelines import deploy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
 STAGES = ["download", "tokenize"]  # what the triggered runs run: the short target "tokenize"
 BIN = Path(sys.executable).parent
 SERVED = "test-deploy"

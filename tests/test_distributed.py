@@ -140,7 +140,10 @@ def test_pretrain_stage_relaunches_itself_under_torchrun(tmp_path) -> None:
     params = yaml.safe_load((REPO / "profiles" / "sample.yaml").read_text())
     section = params["pretrain"]
     section.update(model="gpt-micro", model_overrides={"n_layer": 1, "dropout": 0.0}, context_length=32)
-    section["train"].update(max_steps=4, warmup_steps=0, eval_interval=2, log_interval=1, precision="fp32")
+    section["train"].update(
+        max_steps=4, warmup_steps=0, eval_interval=2, eval_batches=1, log_interval=1, precision="fp32"
+    )
+    section["sample_max_new_tokens"] = 4
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -203,6 +206,7 @@ def test_finetuning_stages_run_under_torchrun(tmp_path, stage, parallelism) -> N
             epochs=None,
             warmup_steps=0,
             eval_interval=1,
+            eval_batches=1,  # evaluation runs under both strategies at each step, on one batch
             precision="fp32",
             parallelism=parallelism,
         )

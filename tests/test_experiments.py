@@ -15,7 +15,7 @@ import pytest
 from clones import TINY_PARAMS as TINY
 from clones import clean_env, make_clone, run, set_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
 UPSTREAM = ["download", "tokenize", "pretrain", "base_model"]
 
 

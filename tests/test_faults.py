@@ -35,9 +35,9 @@ TINY_PRETRAIN = {
         "context_length": 32,
         "batch_size": 4,
         "train": {
-            "max_steps": 40,
+            "max_steps": 24,
             "warmup_steps": 4,
-            "eval_interval": 10,
+            "eval_interval": 12,
             "eval_batches": 2,
             "checkpoint_interval": 3,
             "log_interval": 5,

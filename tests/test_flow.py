@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import (
 from pipelines.flow import pipeline
 from pipelines.graph import dvc_stages
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
 STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
 
 

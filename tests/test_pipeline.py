@@ -19,7 +19,7 @@ import pytest
 from clones import TINY_PARAMS, clean_env, git, run, set_params
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
 STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
 REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": "gptlab-dpo"}
 
@@ -306,7 +306,7 @@ def _main_command_fails(clone: Path, env: dict[str, str], *args: str) -> list[st
     return [ln for ln in out.splitlines() if ln.strip()]
 
 
-def test_main_command_failures_are_one_line_and_a_log_path(copy: Path) -> None:
+def test_main_command_failures_are_one_line_and_a_log_path(copy: Path, prefect_server: str) -> None:
     clone = copy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -323,7 +323,8 @@ def test_main_command_failures_are_one_line_and_a_log_path(copy: Path) -> None:
     params = (clone / "params.yaml").read_text()
     try:
         set_params(clone, {"classify": {"train": {"lr": "fast"}}})
-        lines = _main_command_fails(clone, clean_env(clone))
+        # On the session's server: the temporary one (Prefect's default, which the run above started) costs ~30 s.
+        lines = _main_command_fails(clone, clean_env(clone, PREFECT_API_URL=prefect_server))
     finally:
         (clone / "params.yaml").write_text(params)
     assert lines[-2] == (
