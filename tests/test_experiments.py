@@ -4,6 +4,7 @@ logged to a real `mlflow server` (SQLite backend, loopback) and checked over its
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def mlflow_server(tmp_path_factory):
         "--workers", "1",
     ]  # fmt: skip
     log = open(root / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+    # No job runner: it starts eight more processes (GenAI evaluation jobs) that these tests never use.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
