@@ -23,8 +23,9 @@ def tokens(tmp_path) -> Path:
     return tmp_path / "tokens"
 
 
-def params() -> PretrainParams:
-    train = TrainConfig(
+def params(context_length: int = 32, batch_size: int = 4, dropout: float = 0.1, **train) -> PretrainParams:
+    """A one-layer gpt-micro run; ``train`` overrides the TrainConfig fields."""
+    settings = dict(
         max_steps=8,
         lr=1e-3,
         min_lr=1e-4,
@@ -37,10 +38,10 @@ def params() -> PretrainParams:
     )
     return PretrainParams(
         model="gpt-micro",
-        model_overrides={"n_layer": 1, "dropout": 0.1},
-        context_length=32,
-        batch_size=4,
-        train=train,
+        model_overrides={"n_layer": 1, "dropout": dropout},
+        context_length=context_length,
+        batch_size=batch_size,
+        train=TrainConfig(**{**settings, **train}),
     )
 
 
@@ -109,23 +110,18 @@ def test_pretraining_on_the_sample_corpus_learns(tmp_path: Path) -> None:
 
     sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "corpus.txt"
     tokenize_corpus(sample, tmp_path / "tokens", TokenizeParams(workers=1), window=64, progress=False)
-    train = TrainConfig(
+    p = params(
+        context_length=64,
+        batch_size=8,
+        dropout=0.0,
         max_steps=30,
         lr=6e-3,
         min_lr=6e-4,
-        warmup_steps=2,
         eval_interval=30,
         eval_batches=None,
         eval_train=True,
+        checkpoint_interval=0,
         log_interval=30,
-        progress=False,
-    )
-    p = PretrainParams(
-        model="gpt-micro",
-        model_overrides={"n_layer": 1, "dropout": 0.0},
-        context_length=64,
-        batch_size=8,
-        train=train,
     )
     _, result = pretrain(p, tmp_path / "tokens", tmp_path / "work", "cpu")
     last = result.history[-1]
