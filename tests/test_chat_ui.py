@@ -145,7 +145,8 @@ def chat_page(tmp_path: Path) -> Iterator[Callable[[str], str]]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     """One headless Chromium for the module's page tests (each test loads its own page in it)."""
-    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # Selenium talks to chromedriver over loopback
+    env = pytest.MonkeyPatch()
+    env.setenv("NO_PROXY", "127.0.0.1,localhost")  # Selenium talks to chromedriver over loopback
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -158,6 +159,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         yield driver
     finally:
         driver.quit()
+        env.undo()
 
 
 def wait_for(what: str, probe: Callable[[], object], timeout: float = 30) -> object:
