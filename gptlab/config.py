@@ -1,7 +1,9 @@
-"""GPT architecture configs and presets.
+"""Architecture configs and presets: :class:`GPTConfig` (the book's GPT) and :class:`DecoderConfig` (Llama 3.2 /
+SmolLM2, Qwen3, Gemma 3; the model is :mod:`gptlab.llama`).
 
 The four GPT-2 sizes follow Radford et al. (2019) and the book's ``GPT_CONFIG_124M`` (ch. 4) / ``model_configs``
-(ch. 5); the layout of a typed config with a presets dict follows litgpt's ``config.py``. Training
+(ch. 5); the decoder presets are the models' Hugging Face ``config.json`` values. The layout of a typed config
+with a presets dict follows litgpt's ``config.py``. No torch here: reading a checkpoint's config builds no model. Training
 hyper-parameters live with the training loop and the stages, never here.
 """
 
@@ -110,3 +112,192 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 GPT2_PRESETS = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+# --- The Llama-family decoder (gptlab.llama) -------------------------------------------------------------
+
+FAMILIES = ("llama", "qwen3", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full", "sliding")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a Llama-style decoder (Llama 3.2, SmolLM2, Qwen3, Gemma 3)."""
+
+    family: str = "llama"
+    """``llama`` (Llama 3.x, SmolLM2), ``qwen3`` or ``gemma3``: which Hugging Face layout it imports from."""
+    name: str = "custom"
+    """Preset name this config came from (informational)."""
+    vocab_size: int = 49152
+    context_length: int = 2048
+    """Longest sequence the model is used for (RoPE has no table; this bounds the KV cache)."""
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    """Key/value heads; ``n_head`` must be a multiple (grouped-query attention)."""
+    n_embd: int = 576
+    head_size: int | None = None
+    """Per-head width; ``None``: ``n_embd // n_head`` (Qwen3 and Gemma 3 set it explicitly)."""
+    intermediate_size: int = 1536
+    """Width of the gated MLP's hidden layer."""
+    activation: str = "silu"
+    """``silu`` (SwiGLU: Llama, Qwen) or ``gelu_tanh`` (GeGLU: Gemma)."""
+    rms_norm_eps: float = 1e-5
+    norm_offset: float = 0.0
+    """RMSNorm multiplies by ``norm_offset + weight`` (Gemma stores ``weight - 1``: offset 1)."""
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, float] | None = None
+    """Llama 3's frequency scaling: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_context_length``; or ``{"factor": f}`` alone for linear scaling (Gemma 3's global layers)."""
+    rope_local_theta: float | None = None
+    """RoPE base of sliding-window layers (Gemma 3: 10 000); ``None``: ``rope_theta``."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)."""
+    sandwich_norm: bool = False
+    """Normalise each sub-layer's output too (Gemma's post-attention / post-feedforward norms)."""
+    embed_scale: bool = False
+    """Multiply token embeddings by sqrt(n_embd) (Gemma)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores scale by ``query_pre_attn_scalar ** -0.5``; ``None``: ``head_size ** -0.5``."""
+    sliding_window: int | None = None
+    """Keys a sliding-window layer sees: the current position and the ``sliding_window - 1`` before it."""
+    layer_types: tuple[str, ...] | None = None
+    """``full`` or ``sliding`` per layer; ``None``: all full."""
+    attention_bias: bool = False
+    """Bias on q/k/v/o projections (none of the supported families uses one)."""
+    tie_weights: bool = True
+    """Share the token embedding with the LM head."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches (0 for all released models; for finetuning)."""
+    num_classes: int | None = None
+    """If set, the output head predicts this many classes instead of tokens (book ch. 6)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"DecoderConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"DecoderConfig.activation must be one of {', '.join(ACTIVATIONS)}")
+        for name in (
+            "vocab_size",
+            "context_length",
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "n_embd",
+            "intermediate_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"DecoderConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"DecoderConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.n_layer or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(
+                    f"DecoderConfig.layer_types must list 'full'/'sliding' for each of the {self.n_layer} layers"
+                )
+            if "sliding" in self.layer_types and not self.sliding_window:
+                raise ValueError("DecoderConfig.sliding_window is required for 'sliding' layers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"DecoderConfig.num_classes must be >= 2, got {self.num_classes}")
+        if self.head_size is None:
+            object.__setattr__(self, "head_size", self.n_embd // self.n_head)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the head really shares the embedding (a classifier head never does)."""
+        return self.tie_weights and self.num_classes is None
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size
+
+    def layer_type(self, i: int) -> str:
+        return "full" if self.layer_types is None else self.layer_types[i]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> DecoderConfig:
+        if name not in DECODER_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(DECODER_PRESETS)}")
+        return cls(name=name, **{**DECODER_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["layer_types"] is not None:
+            data["layer_types"] = list(data["layer_types"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DecoderConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DecoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _gemma3_layers(n_layer: int, every: int = 6) -> tuple[str, ...]:
+    # Gemma 3: five sliding-window layers, then one global layer, repeated.
+    return tuple("full" if (i + 1) % every == 0 else "sliding" for i in range(n_layer))
+
+
+_SMOLLM2 = dict(
+    family="llama", vocab_size=49152, context_length=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+    intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=100000.0, tie_weights=True,
+)  # fmt: skip
+_LLAMA32_1B = dict(
+    family="llama", vocab_size=128256, context_length=131072, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+    intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_weights=True,
+    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 8192},
+)  # fmt: skip
+_QWEN3_06B = dict(
+    family="qwen3", vocab_size=151936, context_length=40960, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+    head_size=128, intermediate_size=3072, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, tie_weights=True,
+)  # fmt: skip
+_GEMMA3_270M = dict(
+    family="gemma3", vocab_size=262144, context_length=32768, n_layer=18, n_head=4, n_kv_head=1, n_embd=640,
+    head_size=256, intermediate_size=2048, activation="gelu_tanh", rms_norm_eps=1e-6, norm_offset=1.0,
+    rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+    query_pre_attn_scalar=256.0, sliding_window=512, layer_types=_gemma3_layers(18), tie_weights=True,
+)  # fmt: skip
+
+DECODER_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _SMOLLM2,
+    "smollm2-135m-instruct": _SMOLLM2,
+    "llama-3.2-1b": _LLAMA32_1B,
+    "llama-3.2-1b-instruct": _LLAMA32_1B,
+    "qwen3-0.6b": _QWEN3_06B,
+    "gemma-3-270m": _GEMMA3_270M,
+    "gemma-3-270m-it": _GEMMA3_270M,
+    # Tiny members of each family for tests: every code path of the full model in milliseconds.
+    "tiny-llama": dict(
+        family="llama", vocab_size=512, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+        intermediate_size=64, rope_theta=500000.0,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 16},
+    ),
+    "tiny-qwen3": dict(
+        family="qwen3", vocab_size=512, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+        head_size=16, intermediate_size=64, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+    ),
+    "tiny-gemma3": dict(
+        family="gemma3", vocab_size=512, context_length=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
+        head_size=16, intermediate_size=64, activation="gelu_tanh", rms_norm_eps=1e-6, norm_offset=1.0,
+        rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True, sandwich_norm=True, embed_scale=True,
+        query_pre_attn_scalar=16.0, sliding_window=4, layer_types=("sliding", "sliding", "full"),
+    ),
+}  # fmt: skip

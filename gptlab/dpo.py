@@ -23,50 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.instruct import format_input, format_response
+from gptlab.prompts import PREFERENCE_KEYS
 from gptlab.train import to_device
 
-PREFERENCE_KEYS = ("chosen", "rejected")
 REDUCTIONS = ("sum", "mean")
-RESPONSE_HEADER = "### Response:"
-
-
-def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[str, list[int]]:
-    """Token ids of one preference record (keys ``instruction``, ``input``, ``chosen``, ``rejected``).
-
-    Returns ``{"prompt", "chosen", "rejected", "response_start"}``: the Alpaca prompt, the prompt followed by
-    ``format_response(...)`` of each answer, and the position of the ``### Response:`` header in those (after
-    the prompt's blank-line separator). The full texts are tokenized as one string (as the book does) so the
-    ids are exactly what the model sees at generation time; the prompt ids must then be a prefix of both
-    sequences, which holds for GPT-2 BPE because the response part starts with ``"\\n\\n"`` after a non-space
-    character. Raises ``ValueError`` when a tokenizer merges across that boundary or a key is missing.
-    Other keys (e.g. the book's ``output``) are ignored.
-    """
-    missing = [k for k in ("instruction", *PREFERENCE_KEYS) if k not in entry]
-    if missing:
-        raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
-    prompt_text = format_input(entry)
-    prompt = list(encode(prompt_text))
-    out: dict[str, list[int]] = {"prompt": prompt}
-    for key in PREFERENCE_KEYS:
-        ids = list(encode(prompt_text + format_response(entry[key])))
-        # The collate masks the prompt by its length: a merge across the boundary would shift that mask.
-        if ids[: len(prompt)] != prompt:
-            raise ValueError(
-                f"prompt tokens are not a prefix of the {key!r} tokens (the tokenizer merged across the "
-                "prompt/response boundary); cannot mask the prompt by length"
-            )
-        out[key] = ids
-    # The book's collate masks the prompt and the two newline tokens after it ("+2"), keeping the header:
-    # find where the header's tokens start, as the chosen ids hold them.
-    header = list(encode(RESPONSE_HEADER))
-    chosen, start = out["chosen"], len(prompt)
-    at = next(
-        (i for i in range(start, len(chosen) - len(header) + 1) if chosen[i : i + len(header)] == header),
-        start,
-    )
-    out["response_start"] = at
-    return out
 
 
 def collate_preferences(
@@ -76,7 +36,7 @@ def collate_preferences(
     allowed_max_length: int | None = None,
     mask_prompt: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Pad encoded preference records (from :func:`encode_preference`) into one batch (book's DPO collate).
+    """Pad encoded preference records (from :func:`gptlab.prompts.encode_preference`) into one batch (book's DPO collate).
 
     ``chosen`` and ``rejected`` are right-padded with ``pad_id`` to ONE common length, the longest sequence of
     either kind, so a caller can run both through the model as a single (2B, T) batch. ``chosen_mask`` /

@@ -20,7 +20,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from gptlab.bpe import bytes_to_unicode
-from gptlab.chat import render_chat
+from gptlab.chat_template import render_chat
 from gptlab.fileio import read_json_object
 
 SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")

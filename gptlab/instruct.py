@@ -1,38 +1,27 @@
-"""Instruction data: the Alpaca prompt format, validation, seeded splits, and the SFT collate function.
+"""Instruction data: validation, seeded splits, the SFT collate function and the model's test-set answers.
 
-Book ch. 7: ``format_input`` (Alpaca-style prompt, Taori et al. 2023), the 85/10/5 train/test/validation split
-and ``custom_collate_fn`` (pad with ``<|endoftext|>``, shift targets by one, ignore every padding target but the
-first, optional truncation), plus the exercise that masks the prompt tokens out of the loss.
+Book ch. 7: the 85/10/5 train/test/validation split, ``custom_collate_fn`` (pad with ``<|endoftext|>``, shift
+targets by one, ignore every padding target but the first, optional truncation) plus the exercise that masks the
+prompt tokens out of the loss, and "Extracting and saving responses" (:func:`generate_responses`). The prompts
+themselves (the Alpaca format, chat templates) are :mod:`gptlab.prompts`'.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from gptlab.batches import Splits
+from gptlab.generate import generate
+from gptlab.model import GPT
 
 T = TypeVar("T")
-
-PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-
-
-def format_input(entry: dict) -> str:
-    """The prompt for one record: preamble, ``### Instruction:``, and ``### Input:`` when the input is non-empty."""
-    text = f"{PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
-
-
-def format_response(response: str) -> str:
-    """What follows the prompt: the ``### Response:`` header and the response text."""
-    return f"\n\n### Response:\n{response}"
 
 
 def _field_names(name: str, value: object) -> tuple[str, ...]:
@@ -127,26 +116,6 @@ def split_records(
     return Splits(train=train, val=shuffled[n_train + n_test :], test=test)
 
 
-def encode_record(entry: dict, encode: Callable[[str], list[int]]) -> tuple[list[int], int]:
-    """Token ids of prompt + response and the number of prompt tokens, for :func:`collate_sft`.
-
-    The whole text is tokenized as one string, as the book does, so the ids at the prompt/response boundary
-    are the ones the model sees at inference. The prompt length comes from tokenizing the prompt alone; that
-    is only meaningful if those ids are a prefix of the full ids, which BPE can break when the prompt ends in
-    whitespace that merges with the response header's ``\\n\\n`` (e.g. an input ending in a newline). Such a
-    record raises ValueError rather than silently mis-masking; strip the fields first.
-    """
-    prompt = format_input(entry)
-    ids = list(encode(prompt + format_response(entry["output"])))
-    prompt_ids = list(encode(prompt))
-    if ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
-            f"prompt tokens are not a prefix of prompt + response tokens (the prompt ends in "
-            f"{prompt[-20:]!r}; trailing whitespace merges with the response header): strip the record's fields"
-        )
-    return ids, len(prompt_ids)
-
-
 def collate_sft(
     batch: Sequence[tuple[list[int], int]],
     *,
@@ -193,3 +162,32 @@ def collate_sft(
         inputs = inputs[:, :allowed_max_length]
         targets = targets[:, :allowed_max_length]
     return inputs, targets
+
+
+def generate_responses(
+    model: GPT,
+    entries: Sequence[dict],
+    prompter,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> list[str]:
+    """Greedy answers (KV cache, stop at the prompt style's end token) to each record, batched with left
+    padding. A prompt is cut from the left so that prompt and answer fit the context window."""
+    keep = max(1, model.config.context_length - max_new_tokens)
+    responses: list[str] = []
+    starts = range(0, len(entries), batch_size)
+    for start in tqdm(
+        starts, desc="respond", unit="batch", disable=None if progress is None else not progress
+    ):
+        prompts = [prompter.prompt_ids(e)[-keep:] for e in entries[start : start + batch_size]]
+        outs = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_id=prompter.stop_ids,
+            generator=torch.Generator(),
+        )
+        responses += [prompter.response_text(o) for o in outs]
+    return responses

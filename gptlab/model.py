@@ -49,64 +49,9 @@ class KVCache:
         self.v[layer, :, :, start:stop] = v.to(self.v.dtype)
         return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
 
-    # Row and slot surgery for continuous batching (serving/batching.py): sequences join a running batch
-    # right-aligned (left-padded, like gptlab.generate.left_pad), leave it, and leading slots that are padding
-    # in every row are dropped. Positions come from the attention mask, so none of this changes them.
-
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
-
-    def resize(self, max_length: int) -> None:
-        """Change the capacity (keeps the filled positions); ``max_length`` must hold ``length``."""
-        if max_length < self.length:
-            raise ValueError(f"KVCache.resize: capacity {max_length} < filled length {self.length}")
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], max_length, old.size(4)))
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
-        self.max_length = max_length
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only the sequences ``rows`` (in that order)."""
-        if list(rows) == list(range(self.k.size(1))):
-            return  # every row, in order: nothing to copy
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
-
-    def drop_front(self, n: int) -> None:
-        """Forget the first ``n`` filled positions of every row (callers drop only slots that are padding)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"KVCache.drop_front: {n} not in [0, {self.length}]")
-        if n:
-            rest = slice(n, self.length)
-            self.k[:, :, :, : self.length - n] = self.k[:, :, :, rest].clone()
-            self.v[:, :, :, : self.length - n] = self.v[:, :, :, rest].clone()
-            self.length -= n
-
-    @classmethod
-    def concat(cls, caches: list[KVCache], max_length: int | None = None) -> tuple[KVCache, list[int]]:
-        """The rows of ``caches`` in one cache, right-aligned at the longest ``length``; also the number of
-        padding slots put in front of each input's rows (zeros; the caller masks them)."""
-        if not caches:
-            raise ValueError("KVCache.concat needs at least one cache")
-        length = max(c.length for c in caches)
-        first = caches[0]
-        out = cls.__new__(cls)
-        out.max_length = max(max_length or 0, length)
-        shape = (first.k.size(0), sum(c.batch_size for c in caches), first.k.size(2), out.max_length)
-        out.k = first.k.new_zeros((*shape, first.k.size(4)))
-        out.v = first.v.new_zeros((*shape, first.v.size(4)))
-        out.length = length
-        pads, row = [], 0
-        for c in caches:
-            pad, rows = length - c.length, slice(row, row + c.batch_size)
-            out.k[:, rows, :, pad:length] = c.k[:, :, :, : c.length]
-            out.v[:, rows, :, pad:length] = c.v[:, :, :, : c.length]
-            pads.append(pad)
-            row += c.batch_size
-        return out, pads
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,6 +1,9 @@
-"""How instruction records become token ids: the book's Alpaca prompt, or the model's own chat template.
+"""How instruction records become prompts and token ids: the book's Alpaca prompt, or the model's chat template.
 
-``alpaca`` is the book's ch. 7 format (:func:`gptlab.instruct.format_input` + ``### Response:``), tokenized as
+The one place prompts are formatted and encoded, for SFT (:func:`encode_record`), DPO (:func:`encode_preference`),
+generation (:class:`Prompter`) and serving (:func:`format_input`, :func:`turn_end_id`).
+
+``alpaca`` is the book's ch. 7 format (:func:`format_input`, Taori et al. 2023, + ``### Response:``), tokenized as
 one string, the response ended by the tokenizer's end-of-text; it works for every model, and GPT-2 models have
 nothing else. ``chat`` renders the record as a conversation with the model's template (the instruction and
 input as the user's message), so an instruction-tuned model is finetuned in the format it already knows: the
@@ -11,13 +14,85 @@ generation stops at it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from gptlab.dpo import encode_preference
-from gptlab.instruct import encode_record, format_input
-
 STYLES = ("alpaca", "chat")
+PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+RESPONSE_HEADER = "### Response:"
+PREFERENCE_KEYS = ("chosen", "rejected")
 _PROBE = "Zq7xW"  # a reply no template contains, to find where an assistant turn ends
+
+
+def format_input(entry: dict) -> str:
+    """The prompt for one record: preamble, ``### Instruction:``, and ``### Input:`` when the input is non-empty."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_response(response: str) -> str:
+    """What follows the prompt: the ``### Response:`` header and the response text."""
+    return f"\n\n### Response:\n{response}"
+
+
+def encode_record(entry: dict, encode: Callable[[str], list[int]]) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the number of prompt tokens, for :func:`collate_sft`.
+
+    The whole text is tokenized as one string, as the book does, so the ids at the prompt/response boundary
+    are the ones the model sees at inference. The prompt length comes from tokenizing the prompt alone; that
+    is only meaningful if those ids are a prefix of the full ids, which BPE can break when the prompt ends in
+    whitespace that merges with the response header's ``\\n\\n`` (e.g. an input ending in a newline). Such a
+    record raises ValueError rather than silently mis-masking; strip the fields first.
+    """
+    prompt = format_input(entry)
+    ids = list(encode(prompt + format_response(entry["output"])))
+    prompt_ids = list(encode(prompt))
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            f"prompt tokens are not a prefix of prompt + response tokens (the prompt ends in "
+            f"{prompt[-20:]!r}; trailing whitespace merges with the response header): strip the record's fields"
+        )
+    return ids, len(prompt_ids)
+
+
+def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[str, list[int]]:
+    """Token ids of one preference record (keys ``instruction``, ``input``, ``chosen``, ``rejected``).
+
+    Returns ``{"prompt", "chosen", "rejected", "response_start"}``: the Alpaca prompt, the prompt followed by
+    ``format_response(...)`` of each answer, and the position of the ``### Response:`` header in those (after
+    the prompt's blank-line separator). The full texts are tokenized as one string (as the book does) so the
+    ids are exactly what the model sees at generation time; the prompt ids must then be a prefix of both
+    sequences, which holds for GPT-2 BPE because the response part starts with ``"\\n\\n"`` after a non-space
+    character. Raises ``ValueError`` when a tokenizer merges across that boundary or a key is missing.
+    Other keys (e.g. the book's ``output``) are ignored.
+    """
+    missing = [k for k in ("instruction", *PREFERENCE_KEYS) if k not in entry]
+    if missing:
+        raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
+    prompt_text = format_input(entry)
+    prompt = list(encode(prompt_text))
+    out: dict[str, list[int]] = {"prompt": prompt}
+    for key in PREFERENCE_KEYS:
+        ids = list(encode(prompt_text + format_response(entry[key])))
+        # The collate masks the prompt by its length: a merge across the boundary would shift that mask.
+        if ids[: len(prompt)] != prompt:
+            raise ValueError(
+                f"prompt tokens are not a prefix of the {key!r} tokens (the tokenizer merged across the "
+                "prompt/response boundary); cannot mask the prompt by length"
+            )
+        out[key] = ids
+    # The book's collate masks the prompt and the two newline tokens after it ("+2"), keeping the header:
+    # find where the header's tokens start, as the chosen ids hold them.
+    header = list(encode(RESPONSE_HEADER))
+    chosen, start = out["chosen"], len(prompt)
+    at = next(
+        (i for i in range(start, len(chosen) - len(header) + 1) if chosen[i : i + len(header)] == header),
+        start,
+    )
+    out["response_start"] = at
+    return out
 
 
 def response_text(generated: str) -> str:

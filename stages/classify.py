@@ -17,7 +17,7 @@ import torch
 
 from gptlab import distributed, lora
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+from gptlab.checkpoint import save_checkpoint
 from gptlab.classify import (
     HEAD_INITS,
     TRAINABLE,
@@ -36,10 +36,11 @@ from gptlab.classify import (
     to_classifier,
 )
 from gptlab.fileio import read_utf8, write_json
+from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.model import GPT
 from gptlab.tokenizer import GPT2Tokenizer
 from gptlab.train import TrainConfig, train
-from stages import tracking
+from stages import registry, tracking
 from stages.adapters import LoraParams, add_adapters, finish_adapters
 from stages.entry import stage_main
 from stages.launch import LaunchParams, prepare
@@ -221,7 +222,7 @@ def main() -> None:
         plot_confusion(out.confusion, list(LABELS), args.confusion_png, title="test confusion matrix")
         tracking.log_metrics(out.metrics, prefix="final_")
         tracking.log_outputs("classify")
-        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
+        registry.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
     m = out.metrics
     print(
         f"classify: test accuracy {m['test_accuracy']:.3f} (majority baseline {m['test_majority_baseline']:.3f}) -> {args.model}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from gptlab import distributed, lora
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+from gptlab.checkpoint import save_checkpoint
 from gptlab.dpo import (
     REDUCTIONS,
     collate_preferences,
@@ -26,11 +26,12 @@ from gptlab.dpo import (
     trl_names,
 )
 from gptlab.fileio import write_json
+from gptlab.instruct import generate_responses
+from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.model import GPT
 from gptlab.prompts import Prompter
-from gptlab.responses import generate_responses
 from gptlab.train import TrainConfig, train
-from stages import tracking
+from stages import registry, tracking
 from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
 from stages.entry import stage_main
 from stages.launch import LaunchParams, prepare
@@ -242,7 +243,7 @@ def main() -> None:
         plot_curves(out.history, args.curves_png, columns, title="DPO", ylabel="loss / reward")
         tracking.log_metrics(out.metrics)
         tracking.log_outputs("dpo")
-        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
+        registry.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
     m = out.metrics
     print(
         f"dpo: train reward accuracy {m['initial_train_reward_accuracy']:.2f} -> {m['final_train_reward_accuracy']:.2f}, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 
@@ -23,17 +22,3 @@ def stage_main(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
         return run
 
     return wrap
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA if present, else the CPU. Under ``torchrun`` each rank takes the GPU of its local rank."""
-    import torch  # here, not at import: the stages that never touch a model (download, tokenize) skip its ~2 s
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return device

@@ -1,8 +1,8 @@
 """Stage ``export``: the pipeline's final model out of the pipeline — a Hugging Face ``transformers`` directory
-(:mod:`gptlab.export_hf`) and a GGUF file with an Ollama ``Modelfile`` beside it (:mod:`gptlab.export_gguf`), for
+(:mod:`gptlab.formats.hf_write`) and a GGUF file with an Ollama ``Modelfile`` beside it (:mod:`gptlab.formats.gguf_write`), for
 ``AutoModelForCausalLM.from_pretrained``, llama.cpp and ``ollama create``.
 
-Each export is read back with gptlab's own importers (:mod:`gptlab.importing`) and compared with the checkpoint
+Each export is read back with gptlab's own importers (:mod:`gptlab.formats.pretrained`) and compared with the checkpoint
 on fixed prompts: the largest logit difference and whether greedy continuations agree are the stage's metrics,
 so a broken export shows in ``dvc metrics show``, not at the user's ``ollama run``. The files are logged to the
 stage's MLflow run and tagged onto the registered version of the DPO model whose weights they are.
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from gptlab.checkpoint import load_checkpoint, load_tokenizer
-from gptlab.export_gguf import QTYPES, GGUFExportError, export_gguf, modelfile_path
-from gptlab.export_hf import DTYPES, export_hf
 from gptlab.fileio import write_json
+from gptlab.formats.gguf_read import GGUFImportError
+from gptlab.formats.gguf_write import QTYPES, GGUFExportError, export_gguf, modelfile_path
+from gptlab.formats.hf_write import DTYPES, export_hf
+from gptlab.formats.pretrained import load_pretrained
 from gptlab.generate import generate
-from gptlab.gguf_import import GGUFImportError
-from gptlab.importing import load_pretrained
-from stages import tracking
+from gptlab.load import load_checkpoint, load_tokenizer
+from stages import registry, tracking
 from stages.entry import stage_main
 from stages.params import load_section
 
@@ -37,7 +37,7 @@ REGISTERED_NAME = "gptlab-dpo"
 @dataclass
 class ExportParams:
     gguf_type: str = "q8_0"
-    """GGUF tensor type (``f16``, ``q8_0``, …: :data:`gptlab.export_gguf.QTYPES`)."""
+    """GGUF tensor type (``f16``, ``q8_0``, …: :data:`gptlab.formats.gguf_write.QTYPES`)."""
     hf_dtype: str | None = None
     """Weights' dtype in the Hugging Face directory (``float32``, ``bfloat16``, ``float16``); None: as trained."""
     check_prompts: list[str] = field(
@@ -111,7 +111,7 @@ def export_model(params: ExportParams, checkpoint: Path, hf_out: Path, gguf_out:
 
 def tag_registered_version(checkpoint: Path, run_id: str, gguf_name: str | None) -> None:
     """Point the registered DPO model version of ``checkpoint``'s weights at this run's exports."""
-    version = tracking.registered_version(REGISTERED_NAME, checkpoint)
+    version = registry.registered_version(REGISTERED_NAME, checkpoint)
     if version is None:
         return  # the DPO stage did not register these weights (e.g. run outside the pipeline)
     tags = {"gptlab.export.run_id": run_id, "gptlab.export.hf": f"runs:/{run_id}/hf"}

@@ -2,7 +2,7 @@
 
 The stage fetches the raw datasets listed in ``params.yaml`` (``http(s)://`` URLs, ``file://`` URLs or local
 paths). Model weights come from the Hugging Face hub through ``huggingface_hub`` instead
-(:func:`gptlab.gpt2_weights.download_gpt2`).
+(:func:`gptlab.formats.openai_gpt2.download_gpt2`).
 
 Guarantees of :func:`fetch`:
 

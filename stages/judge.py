@@ -37,7 +37,7 @@ import httpx
 import ollama
 from tqdm.auto import tqdm
 
-from gptlab.instruct import format_input
+from gptlab.prompts import format_input
 from stages.scores import parse_score
 
 __all__ = [

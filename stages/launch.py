@@ -81,7 +81,6 @@ def prepare(stage: str, launch: LaunchParams, device: str) -> str:
     """A training stage's start: relaunch under ``torchrun`` when asked (the launching process exits here with
     the ranks' exit code), else join the ranks' process group; returns this process's device."""
     from gptlab import distributed
-    from stages.entry import resolve_device
 
     code = relaunch(stage, launch)
     if code is not None:
@@ -89,3 +88,17 @@ def prepare(stage: str, launch: LaunchParams, device: str) -> str:
     resolved = resolve_device(device)
     distributed.init_from_env(resolved.split(":")[0])
     return resolved
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA if present, else the CPU. Under ``torchrun`` each rank takes the GPU of its local rank."""
+    import torch  # here, not at import: the stages that never touch a model (download, tokenize) skip its ~2 s
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return device

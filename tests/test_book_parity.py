@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from gptlab.batches import ListBatches, WindowLoader
-from gptlab.book_weights import config_from_book, from_book_state_dict, load_book_model, to_book_state_dict
 from gptlab.classify import (
     accuracy,
     balance,
@@ -36,10 +35,17 @@ from gptlab.classify import (
 from gptlab.config import GPTConfig
 from gptlab.data import ShardWriter, TokenStream
 from gptlab.dpo import dpo_loss, sequence_logprobs
+from gptlab.formats.book_pth import (
+    config_from_book,
+    from_book_state_dict,
+    load_book_model,
+    to_book_state_dict,
+)
 from gptlab.generate import SamplingConfig, generate
-from gptlab.instruct import collate_sft, encode_record, format_input
+from gptlab.instruct import collate_sft
 from gptlab.lora import LoRALinear
 from gptlab.model import GPT
+from gptlab.prompts import encode_record, format_input
 from gptlab.tokenizer import EOT_ID, encode
 from gptlab.train import evaluate, lm_loss
 

@@ -31,9 +31,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from stage_fixtures import tiny_chat_checkpoint
 
-from chatui.backend import Backend, Options, ServerError
+from gptlab.chatui.backend import Backend, Options, ServerError
 from gptlab.cli import main
-from serving.app import make_server
+from gptlab.serve.app import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -316,7 +316,7 @@ def test_cli_chat_without_the_chat_extra_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "gradio", None)  # importing it raises ImportError, as when not installed
-    monkeypatch.delitem(sys.modules, "chatui.app", raising=False)
+    monkeypatch.delitem(sys.modules, "gptlab.chatui.app", raising=False)
     assert main(["chat", "--no-browser"]) == 2
     err = capsys.readouterr().err
     assert (

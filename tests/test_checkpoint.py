@@ -8,15 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptlab.checkpoint import (
-    CONFIG,
-    WEIGHTS,
-    Checkpointer,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from gptlab.checkpoint import CONFIG, WEIGHTS, Checkpointer, CheckpointError, save_checkpoint
 from gptlab.config import GPTConfig
+from gptlab.load import load_checkpoint
 from gptlab.model import GPT
 
 

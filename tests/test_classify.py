@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import save_checkpoint
 from gptlab.classify import (
     balance,
     classification_loss,
@@ -21,6 +21,7 @@ from gptlab.classify import (
 )
 from gptlab.cli import main as cli_main
 from gptlab.config import GPTConfig
+from gptlab.load import load_checkpoint
 from gptlab.lora import apply_lora, count_parameters, lora_config, mark_trainable
 from gptlab.model import GPT
 from gptlab.tokenizer import EOT_ID, encode

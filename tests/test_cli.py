@@ -104,8 +104,8 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
 
 def test_import_book_reads_the_books_saved_model(tmp_path, capsys) -> None:
     """A model saved by the book's ch. 5 code (its own layout and names) becomes a gptlab checkpoint."""
-    from gptlab.book_weights import to_book_state_dict
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.formats.book_pth import to_book_state_dict
+    from gptlab.load import load_checkpoint
 
     torch.manual_seed(0)
     config = GPTConfig.from_name("gpt-micro", n_layer=2, tie_weights=False, qkv_bias=False)
@@ -145,7 +145,7 @@ def test_import_book_refuses_pickled_code_and_other_files(tmp_path, capsys) -> N
 
 
 def test_import_book_classifier_runs_with_gptlab_classify(tmp_path, capsys) -> None:
-    from gptlab.book_weights import to_book_state_dict
+    from gptlab.formats.book_pth import to_book_state_dict
 
     torch.manual_seed(0)
     config = GPTConfig.from_name("gpt-micro", n_layer=1, tie_weights=False, num_classes=2)

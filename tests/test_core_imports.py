@@ -70,7 +70,13 @@ def test_gptlab_imports_and_trains_with_core_dependencies_only(
     assert {"torch", "numpy", "pyarrow", "safetensors", "tiktoken"} <= dists
     assert not dists & set(PIPELINE_ONLY)
     python = link_venv(tmp_path / "core-venv", dists)
-    modules = sorted(f"gptlab.{m.name}" for m in pkgutil.iter_modules(gptlab.__path__))
+    # Every core module, subpackages included; the server and chat page need their extras (by contract, see
+    # tests/test_layers.py, no core module imports them).
+    modules = sorted(
+        m.name
+        for m in pkgutil.walk_packages(gptlab.__path__, "gptlab.")
+        if not m.name.startswith(("gptlab.serve", "gptlab.chatui"))
+    )
     script = f"""
 import importlib, torch
 for name in {PIPELINE_ONLY!r}:

@@ -111,7 +111,7 @@ def test_stopped_run_resumes_from_its_checkpoint(two_ranks, single, parallelism)
 def test_fsdp_checkpoint_is_an_ordinary_checkpoint_with_sharded_optimizer_state(two_ranks, tmp_path) -> None:
     """FSDP's checkpoint holds the whole model (safetensors, as every stage reads) and the optimizer state gathered by
     parameter name; a single-process run refuses to resume it with a message instead of mis-reading it."""
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.load import load_checkpoint
 
     ck = two_ranks / "ck-stopped"
     model, _ = load_checkpoint(ck)

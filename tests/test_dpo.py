@@ -13,12 +13,11 @@ from gptlab.dpo import (
     collate_preferences,
     dpo_batch_metrics,
     dpo_loss,
-    encode_preference,
     make_dpo_loss_fn,
     sequence_logprobs,
 )
-from gptlab.instruct import format_input
 from gptlab.model import GPT
+from gptlab.prompts import encode_preference, format_input
 from gptlab.train import TrainConfig, evaluate, train
 
 LN2 = 0.6931471805599453

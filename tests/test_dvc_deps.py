@@ -1,92 +1,63 @@
-"""dvc.yaml's code deps are exactly each stage's import closure, so ``dvc repro`` can never reuse a stale output.
-
-A stage runs ``python -m stages.<name>``; every module of this repository it imports, directly or through other
-modules, at the top or inside a function, changes what the stage computes. The test follows the imports with
-``ast`` and compares with the ``.py`` files dvc.yaml lists: a missing one means an edit would not rerun the stage;
-an extra one means an edit reruns it for nothing.
-"""
+"""dvc.yaml's code deps are exactly each stage's import closure (:mod:`pipelines.deps`), so ``dvc repro`` can
+never reuse a stale output nor rerun a stage for an edit that cannot change it."""
 
 from __future__ import annotations
 
 import ast
-import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("gptlab", "stages", "pipelines")
+from pipelines import deps
+
+REPO = deps.REPO
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    """The repository file of a dotted module name (a package's ``__init__.py``), or None."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = REPO / Path(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Dotted names of every module ``path`` imports anywhere in its body (lazy imports included)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            # `from stages import tracking` imports the module stages.tracking.
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
-def import_closure(module: str) -> set[Path]:
-    """Repository files ``module`` runs when imported: itself and everything it imports, transitively."""
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = module_file(name)
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        todo.extend(imported_modules(path))
-    # Package __init__ files run too, but hold no code (checked below), so they change nothing.
-    return {p for p in seen if p.name != "__init__.py"}
-
-
-def stage_module(cmd: str) -> str:
-    match = re.match(r"python -m (stages\.\w+)\b", cmd)
-    assert match, f"stage command {cmd!r} does not run `python -m stages.<name>`"
-    return match.group(1)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_the_import_closure(stage: str) -> None:
-    spec = STAGES[stage]
-    closure = {p.relative_to(REPO).as_posix() for p in import_closure(stage_module(spec["cmd"]))}
-    listed = {d for d in spec["deps"] if d.endswith(".py")}
-    missing, extra = sorted(closure - listed), sorted(listed - closure)
+    missing, extra = deps.stale({stage: STAGES[stage]}).get(stage, ([], []))
     assert not missing and not extra, (
-        f"dvc.yaml stage {stage!r}: add deps {missing}, remove deps {extra}; "
-        f"the closure is: {sorted(closure)}"
+        f"dvc.yaml stage {stage!r}: missing deps {missing}, extra deps {extra}: run `python -m pipelines.deps --write`"
     )
 
 
 def test_package_inits_hold_no_code() -> None:
-    for package in PACKAGES:
-        tree = ast.parse((REPO / package / "__init__.py").read_text())
+    # The closure leaves __init__ files out; that is only right while they hold nothing but docstrings.
+    for init in [*REPO.glob("gptlab/**/__init__.py"), REPO / "stages/__init__.py", REPO / "pipelines/__init__.py"]:
+        if init.is_relative_to(REPO / "gptlab/chatui"):
+            continue  # sets Gradio's offline env defaults; no stage imports the chat page (tests/test_layers.py)
+        tree = ast.parse(init.read_text())
         code = [n for n in tree.body if not isinstance(n, ast.Expr | ast.Assign)]
-        assert not code, f"{package}/__init__.py runs code: list it in dvc.yaml's deps and drop this shortcut"
+        assert not code, f"{init.relative_to(REPO)} runs code: the deps closure would miss it"
 
 
 def test_closure_follows_from_imports_of_modules_and_lazy_imports() -> None:
-    closure = {p.relative_to(REPO).as_posix() for p in import_closure("stages.sft")}
+    closure = {p.relative_to(REPO).as_posix() for p in deps.import_closure("stages.sft")}
     assert "stages/tracking.py" in closure  # `from stages import tracking`
     assert "stages/records.py" in closure and "gptlab/instruct.py" in closure
-    assert "stages/plots.py" in closure and "gptlab/fileio.py" in closure
+    assert "gptlab/lora.py" in closure  # imported inside gptlab.load.load_checkpoint only
     assert not any(p.startswith("pipelines/") for p in closure)
+
+
+def test_data_stages_do_not_depend_on_model_code_and_lora_only_reruns_its_users() -> None:
+    code = deps.code_deps(STAGES)
+    for stage in ("download", "tokenize"):
+        assert not {"gptlab/model.py", "gptlab/llama.py", "gptlab/lora.py", "gptlab/checkpoint.py"} & set(code[stage])
+    users = {stage for stage, files in code.items() if "gptlab/lora.py" in files}
+    assert users == {"base_model", "classify", "sft", "dpo", "export"}
+
+
+def test_write_restores_a_removed_dep_and_keeps_comments_and_data_deps(tmp_path: Path) -> None:
+    for name in ("gptlab", "stages", "pipelines"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (REPO / "dvc.yaml").read_text()
+    broken = text.replace("      - stages/tokenize.py\n", "", 1)
+    assert broken != text
+    (tmp_path / "dvc.yaml").write_text(broken)
+    assert deps.main(["--check", "--dvc-yaml", str(tmp_path / "dvc.yaml")]) == 1
+    assert deps.main(["--write", "--dvc-yaml", str(tmp_path / "dvc.yaml")]) == 0
+    assert (tmp_path / "dvc.yaml").read_text() == text
+    assert deps.main(["--check", "--dvc-yaml", str(tmp_path / "dvc.yaml")]) == 0

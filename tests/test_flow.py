@@ -86,7 +86,7 @@ def test_flow_records_one_task_run_per_stage(sample_run, tmp_path, in_clone) -> 
     assert steps == [{"metric": "steps", "value": TINY_PARAMS["pretrain"]["train"]["max_steps"]}]
 
     # The LoRA classifier was saved with its adapters kept separate; it loads back as such.
-    from gptlab.checkpoint import load_checkpoint
+    from gptlab.load import load_checkpoint
     from gptlab.lora import lora_config
 
     classifier, config = load_checkpoint(sample_run.root / "models" / "classifier")

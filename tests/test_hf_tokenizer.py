@@ -1,4 +1,4 @@
-"""Model tokenizers and chat templates (:mod:`gptlab.hf_tokenizer`, :mod:`gptlab.chat`) against
+"""Model tokenizers and chat templates (:mod:`gptlab.hf_tokenizer`, :mod:`gptlab.chat_template`) against
 ``transformers.AutoTokenizer`` reading the same files: a GGUF file's vocabulary, and ``tokenizer.json`` +
 ``tokenizer_config.json`` written from it."""
 
@@ -10,8 +10,8 @@ import pytest
 from tiny_gguf import CHATML, tiny_llama, write_llama_gguf
 from transformers import AutoTokenizer
 
-from gptlab.chat import ChatTemplateError, render_chat
-from gptlab.gguf_import import load_gguf
+from gptlab.chat_template import ChatTemplateError, render_chat
+from gptlab.formats.gguf_read import load_gguf
 from gptlab.hf_tokenizer import HFTokenizer, TokenizerFileError
 
 TEXTS = [

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.instruct import (
-    collate_sft,
-    encode_record,
-    format_input,
-    format_response,
-    split_records,
-    validate_records,
-)
+from gptlab.instruct import collate_sft, split_records, validate_records
+from gptlab.prompts import encode_record, format_input, format_response
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "instruction-data.json"
 IGN = -100

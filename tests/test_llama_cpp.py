@@ -1,4 +1,4 @@
-"""Exported GGUF files (:mod:`gptlab.export_gguf`) run in llama.cpp itself — node-llama-cpp's prebuilt CPU build,
+"""Exported GGUF files (:mod:`gptlab.formats.gguf_write`) run in llama.cpp itself — node-llama-cpp's prebuilt CPU build,
 from npm, the engine Ollama runs: its tokenization of a prompt and its greedy continuation equal gptlab's.
 
 ``./run.sh setup`` installs it into ``$VENV/llama-cpp`` (tests skip, saying so, where npm is missing).
@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export_gguf import DECODERS, decoder_checkpoint, gpt_checkpoint
+from test_gguf_write import DECODERS, decoder_checkpoint, gpt_checkpoint
 
-from gptlab.checkpoint import load_checkpoint, load_tokenizer
-from gptlab.export_gguf import export_gguf
+from gptlab.formats.gguf_write import export_gguf
 from gptlab.generate import generate
+from gptlab.load import load_checkpoint, load_tokenizer
 
 ENTRY = Path(sys.prefix) / "llama-cpp" / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
 SCRIPT = Path(__file__).with_name("llama_cpp_greedy.mjs")

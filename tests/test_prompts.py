@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from tiny_gguf import tiny_llama, write_llama_gguf
 
-from gptlab.gguf_import import load_gguf
-from gptlab.instruct import encode_record, format_input
-from gptlab.prompts import Prompter, turn_end_id, user_message
+from gptlab.formats.gguf_read import load_gguf
+from gptlab.prompts import Prompter, encode_record, format_input, turn_end_id, user_message
 from gptlab.tokenizer import GPT2Tokenizer
 
 ENTRY = {

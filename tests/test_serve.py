@@ -26,12 +26,12 @@ from gptlab.checkpoint import save_checkpoint
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.generate import generate
-from gptlab.instruct import format_input, format_response
 from gptlab.model import GPT
+from gptlab.prompts import format_input, format_response
+from gptlab.serve.app import Server, make_server
+from gptlab.serve.decoding import TextFilter
+from gptlab.serve.models import parse_model_arg, render_chat_prompt, render_generate_prompt
 from gptlab.tokenizer import EOT_ID, GPT2Tokenizer, decode, encode
-from serving.app import Server, make_server
-from serving.decoding import TextFilter
-from serving.models import parse_model_arg, render_chat_prompt, render_generate_prompt
 
 GREEDY = {"temperature": 0, "num_predict": 20}
 
@@ -565,7 +565,7 @@ def test_a_chat_template_model_answers_in_its_template(tmp_path: Path) -> None:
     with the template and stops at its end of turn, as gptlab's own generate does with the same ids."""
     from stage_fixtures import tiny_chat_checkpoint
 
-    from gptlab.checkpoint import load_checkpoint, load_tokenizer
+    from gptlab.load import load_checkpoint, load_tokenizer
 
     path = tiny_chat_checkpoint(tmp_path / "chat")
     model, _ = load_checkpoint(path)

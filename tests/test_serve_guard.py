@@ -18,8 +18,8 @@ import torch
 from gptlab.checkpoint import save_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
-from serving.app import make_server
-from serving.guard import Limits, is_loopback, origin_allowed
+from gptlab.serve.app import make_server
+from gptlab.serve.guard import Limits, is_loopback, origin_allowed
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

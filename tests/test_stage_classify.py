@@ -6,7 +6,8 @@ import pytest
 import torch
 from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
 
-from gptlab.checkpoint import load_checkpoint, save_checkpoint
+from gptlab.checkpoint import save_checkpoint
+from gptlab.load import load_checkpoint
 from gptlab.lora import LoRALinear
 from stages.classify import ClassifyParams, LoraParams, classify
 

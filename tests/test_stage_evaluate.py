@@ -17,7 +17,7 @@ import yaml
 from gptlab.checkpoint import save_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
-from serving.app import make_server
+from gptlab.serve.app import make_server
 from stages.evaluate import EvaluateParams, JudgeParams, evaluate, response_sets
 from stages.judge import JudgeUnavailableError, JudgmentCache
 

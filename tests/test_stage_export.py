@@ -64,7 +64,7 @@ def test_a_vocabulary_gguf_cannot_carry_gets_the_hf_export_alone(tmp_path) -> No
 
 def test_a_gguf_gptlab_cannot_read_back_is_reported_unchecked(tmp_path) -> None:
     """Llama 3.1+ RoPE scaling goes into llama.cpp's rope_freqs, which gptlab does not import."""
-    from test_export_gguf import rope_scaled_llama_checkpoint
+    from test_gguf_write import rope_scaled_llama_checkpoint
 
     ckpt = rope_scaled_llama_checkpoint(tmp_path / "dpo")
     m = export_model(ExportParams(check_prompts=["hello"]), ckpt, tmp_path / "hf", tmp_path / "m.gguf")
@@ -77,7 +77,7 @@ def test_the_registered_version_of_the_exported_weights_is_tagged(tmp_path) -> N
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages import tracking
+    from stages import registry
     from stages.export import REGISTERED_NAME, tag_registered_version
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -90,8 +90,8 @@ def test_the_registered_version_of_the_exported_weights_is_tagged(tmp_path) -> N
         client = MlflowClient()
         client.create_registered_model(REGISTERED_NAME)
         for checkpoint in (ours, other):
-            digest = tracking.weights_sha256(checkpoint)
-            client.create_model_version(REGISTERED_NAME, str(checkpoint), tags={tracking.WEIGHTS_TAG: digest})
+            digest = registry.weights_sha256(checkpoint)
+            client.create_model_version(REGISTERED_NAME, str(checkpoint), tags={registry.WEIGHTS_TAG: digest})
         tag_registered_version(ours, "run123", "m.gguf")
         first, second = (client.get_model_version(REGISTERED_NAME, v) for v in ("1", "2"))
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from stage_fixtures import SAMPLE, quick_train, tiny_chat_checkpoint, tiny_checkpoint
 
-from gptlab.checkpoint import load_checkpoint
+from gptlab.load import load_checkpoint
 from stages.adapters import LoraParams
 from stages.sft import SftParams, finetune
 
