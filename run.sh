@@ -99,7 +99,9 @@ locked() {
 }
 
 # ./run.sh lock: re-resolve requirements.lock from pyproject.toml's ranges (all extras) with uv, for CPython 3.11
-# on Linux x86_64 against torch's CPU build, plus the book's code without its notebook dependencies.
+# on Linux x86_64 against torch's CPU build, plus the book's code without its notebook dependencies. Packages
+# already locked keep their versions where the ranges allow (uv prefers the pins of its output file);
+# ./run.sh lock --upgrade moves everything to the newest versions.
 relock() {
   local uv="$VENV/bin/uv" links torch_source=(--torch-backend cpu)
   links=$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)
@@ -108,7 +110,8 @@ relock() {
   fi
   local tmp
   tmp=$(mktemp)
-  "$uv" pip compile --quiet pyproject.toml --all-extras --generate-hashes --python-version 3.11 \
+  sed "/^# The book's own code/,\$d" "$LOCK" >"$tmp" 2>/dev/null || true
+  "$uv" pip compile "$@" --quiet pyproject.toml --all-extras --generate-hashes --python-version 3.11 \
     --python-platform x86_64-manylinux_2_28 "${torch_source[@]}" \
     --constraint <(echo "torch==$TORCH_VERSION+cpu") --no-emit-package torch \
     --custom-compile-command "./run.sh lock" -o "$tmp"
@@ -183,7 +186,7 @@ case "$cmd" in
   setup) setup ;;
   lock)
     setup
-    relock
+    relock "$@"
     ;;
   test)
     setup
