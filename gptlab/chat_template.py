@@ -20,8 +20,10 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from gptlab.errors import UserError
 
-class ChatTemplateError(ValueError):
+
+class ChatTemplateError(UserError):
     """A template that does not compile or that refuses the conversation (``raise_exception``)."""
 
 

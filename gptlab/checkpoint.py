@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptlab.config import DecoderConfig, GPTConfig
+from gptlab.errors import UserError
 from gptlab.fileio import make_temp, replace_dir, sweep_temps
 
 CONFIGS: dict[str, type] = {"gpt": GPTConfig, "decoder": DecoderConfig}
@@ -40,7 +41,7 @@ CONFIG = "config.json"
 TRAINING_STATE = "training_state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be read as asked; the message names the file and the problem."""
 
 

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gptlab.errors import UserError
+
 
 def cache_dir() -> Path:
     """gptlab's cache: ``$GPTLAB_CACHE`` or ``~/.cache/gptlab`` (tokenizer files, partial downloads)."""
@@ -104,7 +106,7 @@ def make_temp(path: str | Path, *, directory: bool = False) -> Path:
             continue
 
 
-class NotUTF8Error(ValueError):
+class NotUTF8Error(UserError):
     """A text input with bytes that are not UTF-8; the message names the file, line and byte."""
 
 

@@ -21,6 +21,7 @@ from tokenizers.models import BPE
 
 from gptlab.bpe import bytes_to_unicode
 from gptlab.chat_template import render_chat
+from gptlab.errors import UserError
 from gptlab.fileio import read_json_object
 
 SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -43,7 +44,7 @@ GGUF_SPLITS = {
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError):
     """Tokenizer files that cannot be read; the message names the file."""
 
 

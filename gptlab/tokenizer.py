@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_write, cache_dir, pip_download
 
 ENDOFTEXT = "<|endoftext|>"
@@ -46,7 +47,7 @@ _HOW_TO = (
 )
 
 
-class TokenizerNotFoundError(RuntimeError):
+class TokenizerNotFoundError(UserError, RuntimeError):
     """No verified GPT-2 BPE file could be found or downloaded."""
 
 

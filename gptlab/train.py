@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptlab import distributed
+from gptlab.errors import UserError
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -47,7 +48,7 @@ class CheckpointSink(Protocol):
     def load_weights(self, model: nn.Module) -> None: ...
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is left untouched."""
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from gptlab import lora
+from gptlab.errors import UserError
 from stages.params import check_choice
 
 
@@ -31,7 +32,7 @@ class LoraParams:
         lora.check_hyperparameters(self.rank, self.alpha, self.dropout)
         check_choice("convention", self.convention, lora.CONVENTIONS)
         if not self.targets:
-            raise ValueError("targets must name at least one linear layer (e.g. c_attn)")
+            raise UserError("targets must name at least one linear layer (e.g. c_attn)")
 
 
 def add_adapters(model: nn.Module, params: LoraParams, *, also: tuple[str, ...] = ()) -> None:

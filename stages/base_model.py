@@ -18,6 +18,7 @@ from pathlib import Path
 from gptlab.batches import ArrayStream, WindowLoader
 from gptlab.checkpoint import architecture, save_checkpoint
 from gptlab.data import TokenStream
+from gptlab.errors import UserError
 from gptlab.fileio import write_json
 from gptlab.formats.pretrained import EXPECTED, UnknownModelError, load_pretrained
 from gptlab.load import load_checkpoint, load_tokenizer
@@ -51,12 +52,12 @@ def load_base(params: BaseModelParams, pretrained: Path):
     try:
         return load_pretrained(params.source, progress=False)
     except UnknownModelError as exc:  # 'pretrain' is one more choice here
-        raise ValueError(
+        raise UserError(
             f"base_model.source {params.source!r}: expected 'pretrain', {EXPECTED} ({', '.join(exc.names)})"
         ) from None
     except ValueError as exc:
         message = str(exc).removeprefix(f"{params.source}: ")  # the field names the source already
-        raise ValueError(f"base_model.source {params.source!r}: {message}") from None
+        raise UserError(f"base_model.source {params.source!r}: {message}") from None
 
 
 def validation_ids(tokens: Path, tokenizer) -> tuple[ArrayStream | TokenStream, int]:

@@ -35,6 +35,7 @@ from gptlab.classify import (
     stack_examples,
     to_classifier,
 )
+from gptlab.errors import UserError
 from gptlab.fileio import read_utf8, write_json
 from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.model import GPT
@@ -95,7 +96,7 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
         examples = balance(examples, seed=params.train.seed)
     splits = split(examples, seed=params.train.seed)._asdict()
     if any(not rows for rows in splits.values()):
-        raise ValueError(f"{source}: too few messages for a 70/10/20 split ({len(examples)} after balancing)")
+        raise UserError(f"{source}: too few messages for a 70/10/20 split ({len(examples)} after balancing)")
     longest = max(len(encode(t)) for _, t in splits["train"])
     max_length = min(params.max_length or longest, context_length)
     tensors = {

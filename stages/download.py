@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
 from stages.entry import stage_main
@@ -42,9 +43,9 @@ class Source:
 
     def __post_init__(self) -> None:
         if self.member is None and self.member_sha256 is not None:
-            raise ValueError("member_sha256 needs member")
+            raise UserError("member_sha256 needs member")
         if self.sha256 is None and self.member_sha256 is None:
-            raise ValueError(
+            raise UserError(
                 f"{self.url}: give sha256 (or member + member_sha256) so the download can be verified"
             )
 
@@ -63,7 +64,7 @@ class DownloadParams:
 
     def __post_init__(self) -> None:
         if self.mirror is not None and not Path(self.mirror).expanduser().is_dir():
-            raise ValueError(f"mirror: {self.mirror} is not a directory")
+            raise UserError(f"mirror: {self.mirror} is not a directory")
 
 
 def mirror_candidate(mirror: str | None, url: str) -> Path | None:
@@ -90,12 +91,12 @@ def download_all(
 ) -> dict[str, dict[str, str]]:
     """Fetch and verify every source into ``out_dir`` (replaced atomically); returns name -> {url, sha256}."""
     if not params.sources:
-        raise ValueError("download.sources is empty")
+        raise UserError("download.sources is empty")
     record = {}
     with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory() as scratch:
         for name, src in params.sources.items():
             if Path(name).name != name:
-                raise ValueError(f"download.sources key {name!r} must be a plain file name")
+                raise UserError(f"download.sources key {name!r} must be a plain file name")
             kw = dict(retries=params.retries, timeout=params.timeout, progress=progress)
             origin = src.url
             candidate = mirror_candidate(params.mirror, src.url)

@@ -25,6 +25,7 @@ from gptlab.dpo import (
     make_dpo_loss_fn,
     trl_names,
 )
+from gptlab.errors import UserError
 from gptlab.fileio import write_json
 from gptlab.instruct import generate_responses
 from gptlab.load import load_checkpoint, load_tokenizer
@@ -78,7 +79,7 @@ class DpoParams:
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("data_order", self.data_order, ORDERS)
         if self.train.eval_train:
-            raise ValueError(
+            raise UserError(
                 "train.eval_train: the DPO stage measures train loss and rewards itself (train.eval_batches)"
             )
 

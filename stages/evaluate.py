@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_write, read_utf8, write_json
 from gptlab.textmetrics import exact_match, rouge_l_f1
 from stages import tracking
@@ -158,15 +159,15 @@ def _read_responses(path: Path, key: str) -> list[dict]:
     try:
         records = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+            raise UserError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
         missing = [k for k in ("instruction", "input", "output", key, "model_response") if k not in r]
         if missing:
-            raise ValueError(f"{path}: record {i}: missing {', '.join(missing)}")
+            raise UserError(f"{path}: record {i}: missing {', '.join(missing)}")
     return records
 
 

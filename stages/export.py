@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.errors import UserError
 from gptlab.fileio import write_json
 from gptlab.formats.gguf_read import GGUFImportError
 from gptlab.formats.gguf_write import QTYPES, GGUFExportError, export_gguf, modelfile_path
@@ -49,15 +50,13 @@ class ExportParams:
 
     def __post_init__(self) -> None:  # checked before anything is written
         if self.gguf_type not in QTYPES:
-            raise ValueError(f"export.gguf_type must be one of {', '.join(QTYPES)}, got {self.gguf_type!r}")
+            raise UserError(f"export.gguf_type must be one of {', '.join(QTYPES)}, got {self.gguf_type!r}")
         if self.hf_dtype is not None and self.hf_dtype not in DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"export.hf_dtype must be null or one of {', '.join(DTYPES)}, got {self.hf_dtype!r}"
             )
         if not self.check_prompts or self.check_new_tokens < 1:
-            raise ValueError(
-                "export.check_prompts must not be empty and export.check_new_tokens must be >= 1"
-            )
+            raise UserError("export.check_prompts must not be empty and export.check_new_tokens must be >= 1")
 
 
 def compare(reference, exported, tokenizer, prompts: list[str], new_tokens: int) -> dict[str, float]:

@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from gptlab import __version__
+from gptlab.errors import UserError
 from gptlab.fileio import cache_dir, make_temp, sha256_file
 
 __all__ = ["DownloadError", "fetch", "partial_path", "sha256_file"]
@@ -54,7 +55,7 @@ _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes\s+\*/(\d+)")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """One-line, user-facing: always names the source (URL/path) and what went wrong."""
 
 

@@ -37,6 +37,7 @@ import httpx
 import ollama
 from tqdm.auto import tqdm
 
+from gptlab.errors import UserError
 from gptlab.prompts import format_input
 from stages.scores import parse_score
 
@@ -199,24 +200,24 @@ class JudgeConfig:
         for name in ("repeats", "num_ctx"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise UserError(f"{name} must be an int >= 1, got {value!r}")
         if (
             isinstance(self.concurrency, bool)
             or not isinstance(self.concurrency, int)
             or self.concurrency < 1
         ):
-            raise ValueError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
+            raise UserError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+            raise UserError(f"retries must be an int >= 0, got {self.retries!r}")
         if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0, got {self.timeout!r}")
+            raise UserError(f"timeout must be > 0, got {self.timeout!r}")
         if not self.backoff >= 0:
-            raise ValueError(f"backoff must be >= 0, got {self.backoff!r}")
+            raise UserError(f"backoff must be >= 0, got {self.backoff!r}")
         if not self.model:
-            raise ValueError("model must be a non-empty judge model name, e.g. 'llama3'")
+            raise UserError("model must be a non-empty judge model name, e.g. 'llama3'")
 
 
-class JudgeUnavailableError(RuntimeError):
+class JudgeUnavailableError(UserError, RuntimeError):
     """The judge cannot be used: Ollama is unreachable, keeps failing, or lacks the model. One-line message."""
 
 

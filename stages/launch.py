@@ -15,6 +15,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from gptlab.errors import UserError
+
 _NOISE = re.compile(r"^(\*+|Setting OMP_NUM_THREADS.*|[EWI]\d{4} \d\d:\d\d:\d\d.*)$")
 
 
@@ -29,11 +31,11 @@ class LaunchParams:
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError(
+            raise UserError(
                 f"nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node} and {self.nnodes}"
             )
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the first node)")
+            raise UserError("nnodes > 1 needs rdzv_endpoint (host:port of the first node)")
 
     @property
     def world_size(self) -> int:
@@ -97,7 +99,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+        raise UserError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)

@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gptlab.errors import UserError
 from gptlab.fileio import read_utf8
 
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """Bad params.yaml content; the message names the file and the dotted key."""
 
 
@@ -127,7 +128,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """ValueError naming ``key`` unless ``value`` is one of ``choices`` (for a params dataclass's __post_init__)."""
     if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def section_keys(cls: type) -> set[str]:

@@ -24,6 +24,7 @@ from gptlab.batches import ORDERS, WindowLoader
 from gptlab.checkpoint import Checkpointer, save_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.data import TokenStream
+from gptlab.errors import UserError
 from gptlab.fileio import write_json
 from gptlab.generate import SamplingConfig, generate
 from gptlab.model import GPT, INIT_SCHEMES
@@ -81,11 +82,13 @@ def build_model(params: PretrainParams) -> GPT:
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: pretrain.model_overrides: {exc}") from None
     if params.context_length > config.context_length:
-        raise ValueError(
+        raise UserError(
             f"pretrain.context_length ({params.context_length}) exceeds the model's context_length ({config.context_length})"
         )
-    torch.manual_seed(params.train.seed)
-    return GPT(config, init=params.init)
+    # The book seeds before building the model (torch.manual_seed(123)); fork_rng keeps the caller's RNG as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.train.seed)
+        return GPT(config, init=params.init)
 
 
 def run_fingerprint(params: PretrainParams, manifest: dict) -> str:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from gptlab.batches import Splits
+from gptlab.errors import UserError
 from gptlab.fileio import read_utf8
 from gptlab.instruct import split_records, validate_records
 
@@ -26,7 +27,7 @@ def load_splits(
     try:
         data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
     non_empty = tuple(f for f in required if f != "input")
     records, skipped = validate_records(
         data, required=required, non_empty=non_empty, skip_invalid=skip_invalid, source=str(path)
@@ -38,7 +39,7 @@ def load_splits(
         if not rows
     ]
     if empty:
-        raise ValueError(
+        raise UserError(
             f"{path}: {len(records)} records leave the {'/'.join(empty)} split empty "
             f"(train_frac={train_frac}, test_frac={test_frac}); add records or change the fractions"
         )

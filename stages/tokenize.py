@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gptlab.data import ShardWriter
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_dir, utf8_error, write_json
 from gptlab.tokenizer import VOCAB_SIZE, encode_array
 from stages import tracking
@@ -48,11 +49,11 @@ class TokenizeParams:
 
     def __post_init__(self) -> None:
         if self.chunk_chars < 1024:
-            raise ValueError(f"chunk_chars must be >= 1024, got {self.chunk_chars}")
+            raise UserError(f"chunk_chars must be >= 1024, got {self.chunk_chars}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise UserError(f"workers must be >= 0, got {self.workers}")
         if self.split_by not in SPLITS_BY:
-            raise ValueError(f"split_by must be one of {', '.join(SPLITS_BY)}, got {self.split_by!r}")
+            raise UserError(f"split_by must be one of {', '.join(SPLITS_BY)}, got {self.split_by!r}")
 
 
 def _safe_cut(text: str) -> int:
@@ -123,7 +124,7 @@ def tokenize_corpus(
     """
     total_bytes = corpus.stat().st_size
     if total_bytes == 0:
-        raise ValueError(f"{corpus}: empty; expected the UTF-8 text to pretrain on")
+        raise UserError(f"{corpus}: empty; expected the UTF-8 text to pretrain on")
     # Process start-up costs about a second: a corpus of one chunk is faster in-process.
     workers = min(params.workers or os.cpu_count() or 1, max(1, total_bytes // params.chunk_chars))
     if params.split_by == "chars":
@@ -163,7 +164,7 @@ def tokenize_corpus(
         manifest = writer.finish(**split, extra={"source": corpus.name, "source_bytes": total_bytes})
         for name, (start, stop) in manifest["splits"].items():
             if stop - start < window + 1:
-                raise ValueError(
+                raise UserError(
                     f"{corpus}: the {name} split has {stop - start} tokens, fewer than one window of "
                     f"pretrain.context_length={window} plus its target; use a longer corpus "
                     f"({manifest['num_tokens']} tokens in all) or adjust tokenize.val_fraction"

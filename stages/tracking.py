@@ -35,6 +35,7 @@ import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads a
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which configures it
 
+from gptlab.errors import UserError  # noqa: E402
 from stages import run_context  # noqa: E402
 
 EXPERIMENT = os.environ.get("GPTLAB_EXPERIMENT", "gptlab")
@@ -42,7 +43,7 @@ EXPERIMENT = os.environ.get("GPTLAB_EXPERIMENT", "gptlab")
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The configured MLflow tracking server cannot be reached."""
 
 

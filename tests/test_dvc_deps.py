@@ -26,7 +26,11 @@ def test_code_deps_are_the_import_closure(stage: str) -> None:
 
 def test_package_inits_hold_no_code() -> None:
     # The closure leaves __init__ files out; that is only right while they hold nothing but docstrings.
-    for init in [*REPO.glob("gptlab/**/__init__.py"), REPO / "stages/__init__.py", REPO / "pipelines/__init__.py"]:
+    for init in [
+        *REPO.glob("gptlab/**/__init__.py"),
+        REPO / "stages/__init__.py",
+        REPO / "pipelines/__init__.py",
+    ]:
         if init.is_relative_to(REPO / "gptlab/chatui"):
             continue  # sets Gradio's offline env defaults; no stage imports the chat page (tests/test_layers.py)
         tree = ast.parse(init.read_text())
@@ -45,7 +49,9 @@ def test_closure_follows_from_imports_of_modules_and_lazy_imports() -> None:
 def test_data_stages_do_not_depend_on_model_code_and_lora_only_reruns_its_users() -> None:
     code = deps.code_deps(STAGES)
     for stage in ("download", "tokenize"):
-        assert not {"gptlab/model.py", "gptlab/llama.py", "gptlab/lora.py", "gptlab/checkpoint.py"} & set(code[stage])
+        assert not {"gptlab/model.py", "gptlab/llama.py", "gptlab/lora.py", "gptlab/checkpoint.py"} & set(
+            code[stage]
+        )
     users = {stage for stage, files in code.items() if "gptlab/lora.py" in files}
     assert users == {"base_model", "classify", "sft", "dpo", "export"}
 

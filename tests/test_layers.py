@@ -31,9 +31,13 @@ def test_an_upward_import_breaks_its_contract(tmp_path: Path) -> None:
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     model = tmp_path / "gptlab" / "model.py"
-    model.write_text(model.read_text() + "\n\ndef _serve():\n    from gptlab.serve import app  # noqa: F401\n")
+    model.write_text(
+        model.read_text() + "\n\ndef _serve():\n    from gptlab.serve import app  # noqa: F401\n"
+    )
     tokenize = tmp_path / "stages" / "tokenize.py"
-    tokenize.write_text(tokenize.read_text() + "\n\ndef _lora():\n    from gptlab import lora  # noqa: F401\n")
+    tokenize.write_text(
+        tokenize.read_text() + "\n\ndef _lora():\n    from gptlab import lora  # noqa: F401\n"
+    )
     proc = lint_imports(tmp_path)
     assert proc.returncode == 1, proc.stdout[-4000:]
     assert "gptlab.model is not allowed to import gptlab.serve" in proc.stdout

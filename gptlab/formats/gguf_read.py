@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gptlab.config import DecoderConfig, GPTConfig
+from gptlab.errors import UserError
 from gptlab.formats.hf_read import assign_state
 from gptlab.hf_tokenizer import HFTokenizer
 from gptlab.llama import Decoder
@@ -67,7 +68,7 @@ _GPT2_BLOCK = {
 }
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(UserError):
     """A GGUF file that cannot be imported; the message names the file and the problem."""
 
 

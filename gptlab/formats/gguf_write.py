@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_write, write_text
 from gptlab.formats.gguf_read import _BLOCK, _TENSORS
 
@@ -53,7 +54,7 @@ QTYPES: dict[str, tuple[str, str]] = {
 _CONTROL, _NORMAL, _USER_DEFINED, _UNUSED = 3, 1, 4, 5  # llama.cpp's token types
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError):
     """A checkpoint or option that cannot be exported to GGUF; the message names what and why."""
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from gptlab.config import DecoderConfig
+from gptlab.errors import UserError
 from gptlab.fileio import read_json_object
 from gptlab.llama import Decoder
 
@@ -38,7 +39,7 @@ HUB_FILES = [
 ]
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError):
     """A source that is not a supported Hugging Face model; the message names the file and the problem."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from gptlab.config import DecoderConfig, GPTConfig
+from gptlab.errors import UserError
 from gptlab.tokenizer import EOT_ID, VOCAB_SIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +55,7 @@ TOKENIZER_FILES = (
 """Tokenizer files a ``"tokenizer": "hf"`` checkpoint stores, copied as they are."""
 
 
-class HFExportError(ValueError):
+class HFExportError(UserError):
     """A checkpoint that cannot be exported as asked; the message names the file or option and why."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gptlab.errors import UserError
 from gptlab.fileio import cache_dir as gptlab_cache
 from gptlab.fileio import sha256_file
 
@@ -24,7 +25,7 @@ TOKENIZER_FILES = (
 )
 
 
-class HubError(ValueError):
+class HubError(UserError):
     """A download that failed or did not verify; the message names the URL."""
 
 

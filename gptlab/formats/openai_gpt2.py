@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptlab.config import GPTConfig
+from gptlab.errors import UserError
 from gptlab.fileio import read_json_object
 from gptlab.model import GPT
 
@@ -35,7 +36,7 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-class WeightImportError(ValueError):
+class WeightImportError(UserError):
     """The source is not a GPT-2 checkpoint we can read; the message names the file and the problem."""
 
 

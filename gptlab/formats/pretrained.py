@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gptlab.errors import UserError
 from gptlab.formats.openai_gpt2 import HF_REPOS as GPT2_REPOS
 
 HUB_REPOS = {
@@ -31,7 +32,7 @@ HUB_REPOS = {
 EXPECTED = "a directory, a .gguf file, a hub repo id (org/name) or a known model"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """``src`` is no path, known name or repo id; ``names`` are the known names (callers may offer more)."""
 
     def __init__(self, src: str, names: list[str]) -> None:

