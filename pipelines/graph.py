@@ -42,6 +42,7 @@ def _stages(repo, target: str | None) -> list[dict[str, Any]]:
     return [
         {
             "name": s.addressing,
+            "outs": [o.def_path for o in s.outs],
             "metrics": [o.def_path for o in s.outs if o.metric],
             "figures": [o.def_path for o in s.outs if o.plot and o.def_path.endswith(".png")],
             "work": work_dirs(s.cmd),
@@ -49,6 +50,20 @@ def _stages(repo, target: str | None) -> list[dict[str, Any]]:
         for s in order
         if s.addressing in keep
     ]
+
+
+def removed_outputs(root: Path, stage: str, outs: list[str]) -> list[str]:
+    """The outputs of ``stage`` that DVC removed before running it and that its cache still holds: those of a
+    stage dvc.lock records (it ran before) that are now missing from the workspace."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    try:
+        locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+    except (OSError, yaml.YAMLError):
+        return []
+    recorded = {o["path"] for o in locked.get("outs", [])}
+    return [o for o in outs if o in recorded and not (root / o).exists()]
 
 
 def work_dirs(cmd: str | list[str]) -> list[str]:

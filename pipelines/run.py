@@ -18,6 +18,7 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +38,25 @@ def log_to_file(path: Path) -> IO[str]:
     return console
 
 
+def yaml_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as YAML (one line naming the file, line and column), or None if it can.
+    DVC would report it only as "YAML file structure is corrupted", deep in the log."""
+    import yaml
+
+    try:
+        yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return f"{path.name}: not found in {path.parent}"
+    except UnicodeDecodeError:
+        return f"{path.name}: not UTF-8 text"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return f"{path.name}: invalid YAML{where}: {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipelines.run", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=None, help="run only up to this DVC stage")
@@ -54,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    for path in (ROOT / "dvc.yaml", ROOT / "params.yaml"):
+        problem = yaml_problem(path)
+        if problem:
+            print(f"pipeline: error: {problem}", file=sys.stderr)
+            return 2
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     from stages import run_context, tracking
 
@@ -106,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile,
             set_params=args.set_param,
         )
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError) as exc:  # a failed stage, a bad profile, an unreachable server
         print(f"pipeline: error: {exc}\n  full log: {log}", file=console)
         return 2
+    except Exception as exc:  # noqa: BLE001 - not the user's doing: the traceback goes to the log
+        traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"pipeline: error: unexpected {type(exc).__name__}: {first}\n  full log: {log}", file=console)
+        return 1
     print(summary(run_id, [(r["stage"], r["ran"]) for r in results]), file=console)
     return 0
 

@@ -22,10 +22,12 @@ from pathlib import Path
 from gptlab.errors import UserError
 from gptlab.fileio import atomic_dir, write_json
 from stages import tracking
-from stages.entry import stage_main
+from stages.entry import stage_log, stage_main
 from stages.fetch import DownloadError, fetch
 from stages.params import load_section
 from stages.unzip import extract_member
+
+LOG = stage_log("download")
 
 
 @dataclass
@@ -106,11 +108,11 @@ def download_all(
                     digest = _fetch_source(src, staging / name, Path(scratch), str(candidate), **kw)
                     origin = str(candidate)
                 except DownloadError as exc:
-                    print(f"download: mirror copy {candidate} not used: {exc}")
+                    LOG.warning("mirror copy %s not used: %s", candidate, exc)
             if digest is None:
                 digest = _fetch_source(src, staging / name, Path(scratch), src.url, **kw)
             record[name] = {"url": src.url, "sha256": digest}
-            print(f"download: {name} <- {origin} (sha256 {digest[:12]}…)")
+            LOG.info("%s <- %s (sha256 %s…)", name, origin, digest[:12])
     return record
 
 

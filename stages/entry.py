@@ -24,11 +24,25 @@ def stage_log(name: str) -> logging.Logger:
     return logging.getLogger(f"stages.{name}")
 
 
+class _Progress(logging.StreamHandler):
+    """``<stage>: message`` lines on the current ``sys.stdout`` (looked up per line, so a test's capture works)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "stages.progress"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def _show_progress(name: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
     logger = logging.getLogger("stages")
-    logger.addHandler(handler)
+    handler = next((h for h in logger.handlers if isinstance(h, _Progress)), None)
+    if handler is None:  # once per process: a second stage_main in one process (the tests) reuses it
+        handler = _Progress()
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
     logger.setLevel(logging.INFO)
 
 

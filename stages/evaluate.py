@@ -26,7 +26,7 @@ from gptlab.errors import UserError
 from gptlab.fileio import atomic_write, read_utf8, write_json
 from gptlab.textmetrics import exact_match, rouge_l_f1
 from stages import tracking
-from stages.entry import stage_main
+from stages.entry import stage_log, stage_main
 from stages.judge import (
     JudgeConfig,
     JudgeUnavailableError,
@@ -38,6 +38,8 @@ from stages.judge import (
 from stages.params import load_section
 from stages.plots import figure
 from stages.scores import compare_pairwise, summarize_repeats, summarize_scores
+
+LOG = stage_log("evaluate")
 
 
 @dataclass
@@ -88,7 +90,7 @@ def evaluate(
         if params.judge.required:
             raise
         status = "unreachable"
-        print(f"evaluate: judge unreachable, scoring skipped: {exc}")
+        LOG.warning("judge unreachable, scoring skipped: %s", exc)
     cache = JudgmentCache(cache_path)
     rows, replies, models = [], [], {}
     for name, items in sets.items():

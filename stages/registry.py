@@ -11,7 +11,10 @@ from typing import Any
 
 from gptlab.checkpoint import WEIGHTS
 from gptlab.fileio import sha256_file
+from stages.entry import stage_log
 from stages.tracking import flatten, mlflow
+
+LOG = stage_log("registry")
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 WEIGHTS_TAG = "gptlab.weights_sha256"
@@ -57,5 +60,5 @@ def log_model(checkpoint: Path, *, registered_name: str | None = None, metrics: 
         return info
     tags = {k: str(v) for k, v in numeric.items()} | {WEIGHTS_TAG: weights_sha256(checkpoint)}
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    print(f"registered {registered_name} version {version.version}")
+    LOG.info("registered %s version %s", registered_name, version.version)
     return version

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 from pathlib import Path
 
 import mlflow
@@ -327,10 +328,29 @@ def test_main_command_failures_are_one_line_and_a_log_path(copy: Path, prefect_s
         lines = _main_command_fails(clone, clean_env(clone, PREFECT_API_URL=prefect_server))
     finally:
         (clone / "params.yaml").write_text(params)
-    assert lines[-2] == (
+    assert lines[-3] == (
         "pipeline: error: stage classify failed: classify: error: "
         "params.yaml: classify.train.lr: expected a number, got 'fast'"
     )
+    # DVC removed the classifier it had before running the stage again; the error says so and how to restore it.
+    hint = re.fullmatch(
+        r"  DVC removed its previous outputs before running it \((.+)\): `dvc checkout classify` restores them",
+        lines[-2],
+    )
+    assert hint, lines[-2]
+    gone = hint.group(1).split(", ")
+    assert gone and not any((clone / p).exists() for p in gone)
     assert lines[-1].startswith("  full log: logs/pipeline-run-")
     assert (clone / lines[-1].split("full log: ")[1]).is_file()
-    assert len(lines) <= 16, lines  # header, [i/n] lines and "up to date" notes, the error
+    assert len(lines) <= 17, lines  # header, [i/n] lines and "up to date" notes, the error, the hint
+    run([sys.executable, "-m", "dvc", "checkout", "classify"], clone, env)
+    assert all((clone / p).exists() for p in gone)
+    # A params.yaml a user broke by hand: the terminal names the file, line and column (no Prefect, no log).
+    (clone / "params.yaml").write_text(params.replace("classify:", "classify:\n  - [", 1))
+    try:
+        lines = _main_command_fails(clone, env)
+    finally:
+        (clone / "params.yaml").write_text(params)
+    assert len(lines) == 1 and re.fullmatch(
+        r"pipeline: error: params\.yaml: invalid YAML at line \d+, column \d+: .+", lines[0]
+    ), lines

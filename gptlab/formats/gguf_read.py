@@ -23,6 +23,7 @@ import torch
 
 from gptlab.config import DecoderConfig, GPTConfig
 from gptlab.errors import UserError
+from gptlab.formats.gguf_names import DECODER_BLOCK, DECODER_TENSORS, GPT2_BLOCK, GPT2_TENSORS
 from gptlab.formats.hf_read import assign_state
 from gptlab.hf_tokenizer import HFTokenizer
 from gptlab.llama import Decoder
@@ -30,42 +31,6 @@ from gptlab.model import GPT
 from gptlab.tokenizer import ENDOFTEXT, EOT_ID, VOCAB_SIZE, GPT2Tokenizer
 
 ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3"}
-_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-
-
-_GPT2_TENSORS = {
-    "token_embd.weight": "transformer.wte.weight",
-    "position_embd.weight": "transformer.wpe.weight",
-    "output_norm.weight": "transformer.ln_f.weight",
-    "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-_GPT2_BLOCK = {
-    "attn_norm": "ln_1",
-    "attn_qkv": "attn.c_attn",
-    "attn_output": "attn.c_proj",
-    "ffn_norm": "ln_2",
-    "ffn_up": "mlp.c_fc",
-    "ffn_down": "mlp.c_proj",
-}
 
 
 class GGUFImportError(UserError):
@@ -199,27 +164,27 @@ def _dequantize(tensor, dtype: torch.dtype, *, source: str, rows: int = 4096) ->
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The Hugging Face (for ``gpt2``: gptlab's GPT-2) parameter name of a llama.cpp tensor; None if none."""
     if arch == "gpt2":
-        if gguf_name in _GPT2_TENSORS:
-            return _GPT2_TENSORS[gguf_name]
+        if gguf_name in GPT2_TENSORS:
+            return GPT2_TENSORS[gguf_name]
         parts = gguf_name.split(".")
         if (
             len(parts) == 4
             and parts[0] == "blk"
-            and parts[2] in _GPT2_BLOCK
+            and parts[2] in GPT2_BLOCK
             and parts[3] in ("weight", "bias")
         ):
-            return f"transformer.h.{parts[1]}.{_GPT2_BLOCK[parts[2]]}.{parts[3]}"
+            return f"transformer.h.{parts[1]}.{GPT2_BLOCK[parts[2]]}.{parts[3]}"
         return None
-    if gguf_name in _TENSORS:
-        return _TENSORS[gguf_name]
+    if gguf_name in DECODER_TENSORS:
+        return DECODER_TENSORS[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight":
         layer, kind = parts[1], parts[2]
         if kind == "ffn_norm":  # the norm before the MLP: Llama's second norm, Gemma's pre-feedforward one
             norm = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
             return f"model.layers.{layer}.{norm}.weight"
-        if kind in _BLOCK:
-            return f"model.layers.{layer}.{_BLOCK[kind]}.weight"
+        if kind in DECODER_BLOCK:
+            return f"model.layers.{layer}.{DECODER_BLOCK[kind]}.weight"
     return None
 
 

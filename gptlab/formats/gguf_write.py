@@ -36,7 +36,7 @@ import torch
 
 from gptlab.errors import UserError
 from gptlab.fileio import atomic_write, write_text
-from gptlab.formats.gguf_read import _BLOCK, _TENSORS
+from gptlab.formats.gguf_names import DECODER_BLOCK, DECODER_TENSORS
 
 QTYPES: dict[str, tuple[str, str]] = {
     # name -> (GGMLQuantizationType, LlamaFileType): every type gguf.quants can write that llama.cpp loads.
@@ -223,8 +223,8 @@ def _gpt2_tensors(model, cfg) -> Iterator[tuple[str, np.ndarray]]:
         yield "output.weight", _np(state["lm_head.weight"][: cfg.vocab_size])
 
 
-_GGUF_NAMES = {hf: g for g, hf in _TENSORS.items()}
-_GGUF_BLOCK = {hf: g for g, hf in _BLOCK.items()}
+_GGUF_NAMES = {hf: g for g, hf in DECODER_TENSORS.items()}
+_GGUF_BLOCK = {hf: g for g, hf in DECODER_BLOCK.items()}
 
 
 def _decoder_tensors(model, cfg) -> Iterator[tuple[str, np.ndarray]]:

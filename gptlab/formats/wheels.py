@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import UserError
-from gptlab.fileio import cache_dir, pip_download, sha256_file
+from gptlab.fileio import cache_dir, sha256_file
+from gptlab.pypi import pip_download
 
 
 @dataclass(frozen=True)
