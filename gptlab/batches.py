@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gptlab.data import TokenStream, positive_int
+from gptlab.errors import UserError
 
 T = TypeVar("T")
 
@@ -66,12 +67,12 @@ class EpochBatches:
         name: str = "batch source",
     ) -> None:
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+            raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.num_items = num_items
         self.batch_size = positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             # default_rng rejects negative seed entropy; fail here rather than at the first batch.
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise UserError(f"seed must be a non-negative int, got {seed!r}")
         self.fetch = fetch
         self.shuffle = bool(shuffle)
         self.seed = seed
@@ -135,10 +136,10 @@ class EpochBatches:
         """Restore a position; the state's seed is adopted. ValueError if it came from other data/batching."""
         for key, mine in (("num_items", self.num_items), ("batch_size", self.batch_size)):
             if key in state and int(state[key]) != mine:
-                raise ValueError(f"{self.name} state has {key}={state[key]}, this one has {key}={mine}")
+                raise UserError(f"{self.name} state has {key}={state[key]}, this one has {key}={mine}")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self):
-            raise ValueError(f"{self.name} state epoch={epoch}, position={position} is out of range")
+            raise UserError(f"{self.name} state epoch={epoch}, position={position} is out of range")
         if position == len(self):
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
@@ -193,13 +194,13 @@ class WindowLoader(EpochBatches):
         n = len(stream)
         self.num_windows = len(range(0, n - T, S))
         if self.num_windows == 0:
-            raise ValueError(
+            raise UserError(
                 f"one window of context_length={T} needs at least {T + 1} tokens (inputs + shifted "
                 f"target), but {stream!r} has {n}"
             )
         if drop_last and self.num_windows < B:
             need = (B - 1) * S + T + 1
-            raise ValueError(
+            raise UserError(
                 f"one batch of batch_size={B} windows (context_length={T}, stride={S}) needs at least "
                 f"{need} tokens, but {stream!r} has {n} ({self.num_windows} windows); lower batch_size "
                 f"or pass drop_last=False"
@@ -248,9 +249,9 @@ class ListBatches(EpochBatches):
         self.items = list(items)
         self.collate = collate
         if not self.items:
-            raise ValueError("ListBatches needs at least one item")
+            raise UserError("ListBatches needs at least one item")
         if drop_last and isinstance(batch_size, int) and len(self.items) < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"drop_last with batch_size={batch_size} but only {len(self.items)} items: no batch would "
                 f"ever be produced; lower batch_size or pass drop_last=False"
             )

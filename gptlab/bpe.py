@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import regex
 
+from gptlab.errors import UserError
 from gptlab.fileio import atomic_write
 
 __all__ = ["GPT2_SPLIT_PATTERN", "GPT2_EOT", "BPETokenizer", "bytes_to_unicode"]
@@ -107,22 +108,22 @@ class BPETokenizer:
     def _validate(self) -> None:
         missing = [c for c in bytes_to_unicode().values() if c not in self._vocab]
         if missing:
-            raise ValueError(f"vocab lacks {len(missing)} of the 256 byte symbols (e.g. {missing[0]!r})")
+            raise UserError(f"vocab lacks {len(missing)} of the 256 byte symbols (e.g. {missing[0]!r})")
         ids = list(self._vocab.values()) + list(self._special.values())
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
-            raise ValueError("token ids must be non-negative integers")
+            raise UserError("token ids must be non-negative integers")
         if len(set(ids)) != len(ids):
-            raise ValueError("token ids are not unique across vocab and special tokens")
+            raise UserError("token ids are not unique across vocab and special tokens")
         for a, b in self._merges:
             if a not in self._vocab or b not in self._vocab or a + b not in self._vocab:
-                raise ValueError(f"merge {a!r} + {b!r} refers to tokens missing from the vocab")
+                raise UserError(f"merge {a!r} + {b!r} refers to tokens missing from the vocab")
         for tok in self._special:
             if not tok:
-                raise ValueError("special tokens must be non-empty strings")
+                raise UserError("special tokens must be non-empty strings")
         try:
             regex.compile(self._pattern)
         except regex.error as e:
-            raise ValueError(f"invalid split pattern: {e}") from None
+            raise UserError(f"invalid split pattern: {e}") from None
 
     # ------------------------------------------------------------------ properties
 
@@ -170,7 +171,7 @@ class BPETokenizer:
         specials = list(dict.fromkeys(special_tokens or []))
         n_target = vocab_size - len(specials)
         if n_target < 256:
-            raise ValueError(f"vocab_size={vocab_size} is below 256 byte tokens + {len(specials)} special")
+            raise UserError(f"vocab_size={vocab_size} is below 256 byte tokens + {len(specials)} special")
         byte_enc = bytes_to_unicode()
         id_to_tok = list(byte_enc.values())  # id order = GPT-2's byte order
         tok_to_id = {t: i for i, t in enumerate(id_to_tok)}
@@ -260,7 +261,7 @@ class BPETokenizer:
             # Byte-unicode symbols never contain a space, so a single space always separates the pair.
             parts = line.split(" ")
             if len(parts) != 2:
-                raise ValueError(f"{vocab_bpe}:{lineno}: expected 'left right', got {line!r}")
+                raise UserError(f"{vocab_bpe}:{lineno}: expected 'left right', got {line!r}")
             merges.append((parts[0], parts[1]))
         special = {GPT2_EOT: encoder.pop(GPT2_EOT, 50256)}
         return cls(encoder, merges, special, GPT2_SPLIT_PATTERN)
@@ -323,7 +324,7 @@ class BPETokenizer:
         allowed = set(self._special) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self._special)
         if unknown:
-            raise ValueError(f"allowed_special has tokens this tokenizer lacks: {sorted(unknown)}")
+            raise UserError(f"allowed_special has tokens this tokenizer lacks: {sorted(unknown)}")
         disallowed = (
             set(self._special) - allowed if disallowed_special == "all" else set(disallowed_special) - allowed
         )
@@ -331,7 +332,7 @@ class BPETokenizer:
             dre = _special_regex(disallowed)
             assert dre is not None
             if m := dre.search(text):
-                raise ValueError(
+                raise UserError(
                     f"text contains the special token {m.group()!r}; pass allowed_special={{{m.group()!r}}} "
                     "(or 'all') to encode it as a special token, or disallowed_special=() to encode it as text"
                 )
@@ -358,7 +359,7 @@ class BPETokenizer:
             elif i in self._special_decoder:
                 parts.append(self._special_decoder[i].encode("utf-8"))
             else:
-                raise ValueError(f"unknown token id {i}")
+                raise UserError(f"unknown token id {i}")
         return b"".join(parts)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -387,25 +388,25 @@ class BPETokenizer:
             with open(path, encoding="utf-8") as f:
                 data: Any = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a valid BPE tokenizer JSON file ({e})") from None
+            raise UserError(f"{path}: not a valid BPE tokenizer JSON file ({e})") from None
         try:
             if not isinstance(data, dict) or data.get("format") != _FORMAT:
-                raise ValueError(f"missing 'format': {_FORMAT!r}")
+                raise UserError(f"missing 'format': {_FORMAT!r}")
             if data.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"unsupported version {data.get('version')!r}")
+                raise UserError(f"unsupported version {data.get('version')!r}")
             vocab, merges = data["vocab"], data["merges"]
             special, pattern = data["special_tokens"], data["pattern"]
             if not isinstance(vocab, dict) or not isinstance(special, dict) or not isinstance(pattern, str):
-                raise ValueError("'vocab'/'special_tokens' must be objects and 'pattern' a string")
+                raise UserError("'vocab'/'special_tokens' must be objects and 'pattern' a string")
             if not isinstance(merges, list) or not all(
                 isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) for s in m) for m in merges
             ):
-                raise ValueError("'merges' must be a list of [left, right] string pairs")
+                raise UserError("'merges' must be a list of [left, right] string pairs")
             return cls(vocab, [(a, b) for a, b in merges], special, pattern)
         except KeyError as e:
-            raise ValueError(f"{path}: malformed BPE tokenizer file: missing key {e}") from None
+            raise UserError(f"{path}: malformed BPE tokenizer file: missing key {e}") from None
         except ValueError as e:
-            raise ValueError(f"{path}: malformed BPE tokenizer file: {e}") from None
+            raise UserError(f"{path}: malformed BPE tokenizer file: {e}") from None
 
     def __repr__(self) -> str:
         return (

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.batches import Splits
+from gptlab.errors import UserError
 from gptlab.model import GPT
 
 TRAINABLE = ("head", "last_block", "all", "lora")
@@ -47,7 +48,7 @@ def _tab_fields(text: str, quoting: bool, source: str) -> Iterable[tuple[int, li
         list(csv.reader(io.StringIO(tail, newline=""), delimiter="\t", strict=True))
     except csv.Error as exc:
         if "unexpected end of data" in str(exc):
-            raise ValueError(f"{source}: line {last}: a quote opened here is never closed") from None
+            raise UserError(f"{source}: line {last}: a quote opened here is never closed") from None
 
 
 def parse_labeled_tsv(
@@ -64,18 +65,18 @@ def parse_labeled_tsv(
     for n, fields in _tab_fields(text, quoting, source):
         label, message = fields[0], "\t".join(fields[1:])
         if len(fields) < 2:
-            raise ValueError(f"{source}: line {n}: expected 'label<TAB>text', found no tab")
+            raise UserError(f"{source}: line {n}: expected 'label<TAB>text', found no tab")
         if not message.strip():
-            raise ValueError(
+            raise UserError(
                 f"{source}: line {n}: empty message after label {label!r}; expected 'label<TAB>text'"
             )
         if label not in index:
-            raise ValueError(
+            raise UserError(
                 f"{source}: line {n}: unknown label {label!r}; expected one of {', '.join(labels)}"
             )
         out.append((index[label], message))
     if not out:
-        raise ValueError(f"{source}: no labelled lines")
+        raise UserError(f"{source}: no labelled lines")
     return out
 
 
@@ -107,7 +108,7 @@ def split(examples: Sequence, *, seed: int, train_frac: float = 0.7, val_frac: f
     """The book's ``random_split``: shuffle as ``df.sample(frac=1, random_state=seed)``, then
     train/validation/test = the first ``int(n * 0.7)`` / the next ``int(n * 0.1)`` / the rest."""
     if not (0 < train_frac < 1 and 0 <= val_frac < 1 and train_frac + val_frac < 1):
-        raise ValueError(f"train_frac ({train_frac}) and val_frac ({val_frac}) must leave a test split")
+        raise UserError(f"train_frac ({train_frac}) and val_frac ({val_frac}) must leave a test split")
     items = [examples[i] for i in _sample_order(len(examples), seed)]
     train_end = int(len(items) * train_frac)
     val_end = train_end + int(len(items) * val_frac)
@@ -133,7 +134,7 @@ def to_classifier(model: GPT, num_classes: int, *, head_init: str = "gpt2") -> G
     default init and the head's draws only, so after the same seed the head equals the book's.
     """
     if head_init not in HEAD_INITS:
-        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        raise UserError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     config = model.config.replace(num_classes=num_classes)
     device = next(model.parameters()).device
@@ -160,7 +161,7 @@ def set_trainable(model: GPT, mode: str) -> None:
     (``lora`` is set up with :mod:`gptlab.lora` and ``mark_trainable(..., also=("lm_head",))``.)
     """
     if mode not in ("head", "last_block", "all"):
-        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
+        raise UserError(f"trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
     for p in model.parameters():
         p.requires_grad = mode == "all"
     parts: list[nn.Module] = [model.lm_head]

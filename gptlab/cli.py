@@ -13,7 +13,8 @@
     gptlab export hf CHECKPOINT OUT [--dtype bfloat16]      # a Hugging Face transformers model directory
     gptlab export gguf CHECKPOINT OUT.gguf [--type q8_0]   # a GGUF file (llama.cpp, Ollama) + Modelfile
 
-Errors print one line to stderr and exit 2; no tracebacks for bad input.
+Bad input (a ``ValueError``: the library's ``UserError``s, an argument out of range; a file that cannot be read)
+prints one line to stderr and exits 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -329,10 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"{args.command} {args.format}" if args.command == "export" else args.command
     try:
         args.func(args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        command = f"{args.command} {args.format}" if args.command == "export" else args.command
+    except OSError as exc:
+        if exc.filename is None:  # not a file the user named: a failure of ours or the system's
+            raise
+        print(f"gptlab {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a UserError (the library's input errors) or an argument out of range
         print(f"gptlab {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gptlab.errors import UserError
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -49,19 +51,19 @@ class GPTConfig:
         for field in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+                raise UserError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise UserError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"GPTConfig.padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"GPTConfig.num_classes must be >= 2, got {self.num_classes}")
+            raise UserError(f"GPTConfig.num_classes must be >= 2, got {self.num_classes}")
 
     @property
     def head_size(self) -> int:
@@ -79,7 +81,7 @@ class GPTConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(name=name, **{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
+            raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> GPTConfig:
@@ -175,11 +177,9 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(
-                f"DecoderConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
-            )
+            raise UserError(f"DecoderConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"DecoderConfig.activation must be one of {', '.join(ACTIVATIONS)}")
+            raise UserError(f"DecoderConfig.activation must be one of {', '.join(ACTIVATIONS)}")
         for name in (
             "vocab_size",
             "context_length",
@@ -191,27 +191,27 @@ class DecoderConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise UserError(
                 f"DecoderConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
             )
         if self.head_size is None and self.n_embd % self.n_head:
-            raise ValueError(
+            raise UserError(
                 f"DecoderConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.n_layer or set(self.layer_types) - set(LAYER_TYPES):
-                raise ValueError(
+                raise UserError(
                     f"DecoderConfig.layer_types must list 'full'/'sliding' for each of the {self.n_layer} layers"
                 )
             if "sliding" in self.layer_types and not self.sliding_window:
-                raise ValueError("DecoderConfig.sliding_window is required for 'sliding' layers")
+                raise UserError("DecoderConfig.sliding_window is required for 'sliding' layers")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"DecoderConfig.num_classes must be >= 2, got {self.num_classes}")
+            raise UserError(f"DecoderConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.head_size is None:
             object.__setattr__(self, "head_size", self.n_embd // self.n_head)
 
@@ -230,7 +230,7 @@ class DecoderConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> DecoderConfig:
         if name not in DECODER_PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(DECODER_PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(DECODER_PRESETS)}")
         return cls(name=name, **{**DECODER_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,7 +244,7 @@ class DecoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown DecoderConfig field(s): {', '.join(unknown)}")
+            raise UserError(f"unknown DecoderConfig field(s): {', '.join(unknown)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> DecoderConfig:

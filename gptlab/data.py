@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gptlab.errors import UserError
 from gptlab.fileio import sha256_file
 
 FORMAT = "gptlab-tokens/1"
@@ -50,14 +51,14 @@ _SHARD_RE = re.compile(r"^tokens-\d{5,}\.arrow$")
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype holding ids ``0 .. vocab_size - 1`` (GPT-2's 50257 fits in uint16)."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int | np.integer):
-        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+        raise UserError(f"vocab_size must be an int, got {vocab_size!r}")
     if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        raise UserError(f"vocab_size must be positive, got {vocab_size}")
     if vocab_size <= 1 << 16:
         return np.dtype(np.uint16)
     if vocab_size <= 1 << 32:
         return np.dtype(np.uint32)
-    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+    raise UserError(f"vocab_size {vocab_size} does not fit in uint32")
 
 
 def shard_name(index: int) -> str:
@@ -78,7 +79,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UserError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
@@ -135,14 +136,14 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed (finish() or abort() already ran)")
         arr = np.asarray(tokens)
         if arr.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
+            raise UserError(f"tokens must be 1-D, got shape {arr.shape}")
         if arr.size == 0:
             return
         if arr.dtype.kind not in "iu":
-            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+            raise UserError(f"tokens must be integers, got dtype {arr.dtype}")
         if arr.min() < 0 or arr.max() >= self.vocab_size:
             bad = int(np.flatnonzero((arr < 0) | (arr >= self.vocab_size))[0])
-            raise ValueError(
+            raise UserError(
                 f"token {int(arr[bad])} at stream position {self.num_tokens + bad} is outside the "
                 f"vocabulary [0, {self.vocab_size}) of tokenizer {self.tokenizer!r}"
             )
@@ -198,21 +199,21 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("ShardWriter is closed (finish() or abort() already ran)")
         if (val_fraction is None) == (train_tokens is None):
-            raise ValueError("pass exactly one of val_fraction and train_tokens")
+            raise UserError("pass exactly one of val_fraction and train_tokens")
         if val_fraction is not None and (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, int | float)
             or not 0 <= val_fraction < 1
         ):
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+            raise UserError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         if train_tokens is not None and (
             isinstance(train_tokens, bool)
             or not isinstance(train_tokens, int | np.integer)
             or not 0 <= train_tokens <= self.num_tokens
         ):
-            raise ValueError(f"train_tokens must be in [0, {self.num_tokens}], got {train_tokens!r}")
+            raise UserError(f"train_tokens must be in [0, {self.num_tokens}], got {train_tokens!r}")
         if extra is not None and not isinstance(extra, dict):
-            raise ValueError(f"extra must be a dict or None, got {type(extra).__name__}")
+            raise UserError(f"extra must be a dict or None, got {type(extra).__name__}")
         try:
             self._flush_batch()
             self._close_shard()
@@ -278,7 +279,7 @@ class _Shard:
         reader = pa.ipc.open_file(self.source)
         field = reader.schema.field(COLUMN) if COLUMN in reader.schema.names else None
         if field is None or field.type != pa.from_numpy_dtype(dtype):
-            raise ValueError(f"{path}: expected column {COLUMN!r} of {dtype}, found schema {reader.schema}")
+            raise UserError(f"{path}: expected column {COLUMN!r} of {dtype}, found schema {reader.schema}")
         self.views: list[np.ndarray] = []
         self.starts: list[int] = []
         offset = 0
@@ -289,7 +290,7 @@ class _Shard:
                 self.starts.append(offset)
                 offset += view.size
         if offset != num_tokens:
-            raise ValueError(f"{path}: holds {offset} tokens, manifest says {num_tokens}")
+            raise UserError(f"{path}: holds {offset} tokens, manifest says {num_tokens}")
 
 
 class TokenStream:
@@ -317,21 +318,21 @@ class TokenStream:
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise UserError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise ValueError(f"{path}: format is {found!r}, expected {FORMAT!r}")
+            raise UserError(f"{path}: format is {found!r}, expected {FORMAT!r}")
         for key in ("tokenizer", "vocab_size", "dtype", "num_tokens", "shards", "splits"):
             if key not in manifest:
-                raise ValueError(f"{path}: missing field {key!r}")
+                raise UserError(f"{path}: missing field {key!r}")
         self.manifest: dict = manifest
         self.vocab_size: int = int(manifest["vocab_size"])
         self.tokenizer: str = manifest["tokenizer"]
         if vocab_size is not None and int(vocab_size) != self.vocab_size:
-            raise ValueError(f"{path}: vocab_size is {self.vocab_size}, expected {vocab_size}")
+            raise UserError(f"{path}: vocab_size is {self.vocab_size}, expected {vocab_size}")
         self.dtype = token_dtype(self.vocab_size)
         if manifest["dtype"] != self.dtype.name:
-            raise ValueError(
+            raise UserError(
                 f"{path}: dtype {manifest['dtype']!r} does not match vocab_size {self.vocab_size} "
                 f"(expected {self.dtype.name!r})"
             )
@@ -349,7 +350,7 @@ class TokenStream:
             self._counts.append(int(shard["num_tokens"]))
             total += int(shard["num_tokens"])
         if total != manifest["num_tokens"]:
-            raise ValueError(f"{path}: shards hold {total} tokens, num_tokens says {manifest['num_tokens']}")
+            raise UserError(f"{path}: shards hold {total} tokens, num_tokens says {manifest['num_tokens']}")
 
         self.split = split
         if split is None:
@@ -357,9 +358,9 @@ class TokenStream:
         elif split in manifest["splits"]:
             lo, hi = (int(v) for v in manifest["splits"][split])
             if not 0 <= lo <= hi <= total:
-                raise ValueError(f"{path}: split {split!r} = [{lo}, {hi}) is outside [0, {total})")
+                raise UserError(f"{path}: split {split!r} = [{lo}, {hi}) is outside [0, {total})")
         else:
-            raise ValueError(
+            raise UserError(
                 f"{path}: unknown split {split!r}; available: {sorted(manifest['splits'])} or None"
             )
         self._lo, self._hi = lo, hi
@@ -389,7 +390,7 @@ class TokenStream:
         """int64 copy of tokens ``[start, stop)`` of the split; may span record batches and shards."""
         n = len(self)
         if not 0 <= start <= stop <= n:
-            raise ValueError(f"read [{start}, {stop}) is outside the {self.split or 'whole'} split [0, {n})")
+            raise UserError(f"read [{start}, {stop}) is outside the {self.split or 'whole'} split [0, {n})")
         out = np.empty(stop - start, dtype=np.int64)
         pos, end = self._lo + start, self._lo + stop
         k = bisect.bisect_right(self._starts, pos) - 1
@@ -413,4 +414,4 @@ class TokenStream:
         for file, shard in zip(self._files, self.manifest["shards"], strict=True):
             digest = sha256_file(file)
             if digest != shard["sha256"]:
-                raise ValueError(f"{file}: sha256 {digest} does not match manifest {shard['sha256']}")
+                raise UserError(f"{file}: sha256 {digest} does not match manifest {shard['sha256']}")

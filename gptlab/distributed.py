@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptlab.errors import UserError
+
 
 def init_from_env(device_type: str = "cpu") -> bool:
     """Join the process group ``torchrun`` describes (once); False when this is a single process."""
@@ -63,7 +65,7 @@ def shard(batch: Any, index: int, count: int) -> Any:
         return batch
     if isinstance(batch, torch.Tensor):
         if batch.shape[0] % count:
-            raise ValueError(
+            raise UserError(
                 f"a batch of {batch.shape[0]} rows does not split evenly over {count} processes: use a batch_size "
                 "that is a multiple of the process count, and drop_last: true where the data's size is not one"
             )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.errors import UserError
 from gptlab.prompts import PREFERENCE_KEYS
 from gptlab.train import to_device
 
@@ -50,7 +51,7 @@ def collate_preferences(
     if not batch:
         raise ValueError("cannot collate an empty batch")
     if allowed_max_length is not None and allowed_max_length <= 0:
-        raise ValueError(f"allowed_max_length must be > 0, got {allowed_max_length}")
+        raise UserError(f"allowed_max_length must be > 0, got {allowed_max_length}")
     length = max(len(item[key]) for item in batch for key in PREFERENCE_KEYS)
     out: dict[str, torch.Tensor] = {}
     for key in PREFERENCE_KEYS:
@@ -66,7 +67,7 @@ def collate_preferences(
         empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty:
             i = empty[0]
-            raise ValueError(
+            raise UserError(
                 f"preference record {i} of the batch has no {key} response tokens to score (prompt of "
                 f"{len(batch[i]['prompt'])} tokens, allowed_max_length={allowed_max_length}): raise max_length"
             )
@@ -86,9 +87,9 @@ def sequence_logprobs(
     logits under autocast do not lose precision in the normaliser.
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        raise UserError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or mask.shape != input_ids.shape:
-        raise ValueError(
+        raise UserError(
             f"expected logits (B, T, V) with input_ids and mask (B, T); got {tuple(logits.shape)}, "
             f"{tuple(input_ids.shape)}, {tuple(mask.shape)}"
         )

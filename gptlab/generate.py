@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptlab.errors import UserError
 from gptlab.model import GPT, KVCache
 
 
@@ -29,11 +30,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample_next(
@@ -98,7 +99,7 @@ def stream(
     ``on_logits(step, logits)`` (optional) receives each step's (B, V) next-token logits.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
     device = next(model.parameters()).device
     ctx = model.config.context_length

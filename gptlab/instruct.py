@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab.batches import Splits
+from gptlab.errors import UserError
 from gptlab.generate import generate
 from gptlab.model import GPT
 
@@ -65,7 +66,7 @@ def validate_records(
     blank_checked = _field_names("non_empty", non_empty)
     fields += tuple(k for k in blank_checked if k not in fields)
     if not isinstance(records, list):
-        raise ValueError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+        raise UserError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     valid: list[dict] = []
     skipped = 0
     for i, record in enumerate(records):
@@ -75,13 +76,13 @@ def validate_records(
         elif skip_invalid:
             skipped += 1
         else:
-            raise ValueError(f"{source}: record {i}: {problem}")
+            raise UserError(f"{source}: record {i}: {problem}")
     return valid, skipped
 
 
 def _fraction(name: str, value: object) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise UserError(f"{name} must be a number in [0, 1], got {value!r}")
     # As written (0.85, not 0.84999999999999997...), the same rule as gptlab.data's train/val split.
     return Decimal(repr(float(value)))
 
@@ -103,9 +104,9 @@ def split_records(
     """
     train_d, test_d = _fraction("train_frac", train_frac), _fraction("test_frac", test_frac)
     if train_d + test_d > 1:
-        raise ValueError(f"train_frac + test_frac must be at most 1, got {train_frac} + {test_frac}")
+        raise UserError(f"train_frac + test_frac must be at most 1, got {train_frac} + {test_frac}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise UserError(f"seed must be an int, got {seed!r}")
     shuffled = list(records)
     if shuffle:
         random.Random(seed).shuffle(shuffled)
@@ -141,7 +142,7 @@ def collate_sft(
         or not isinstance(allowed_max_length, int)
         or allowed_max_length < 1
     ):
-        raise ValueError(f"allowed_max_length must be a positive int or None, got {allowed_max_length!r}")
+        raise UserError(f"allowed_max_length must be a positive int or None, got {allowed_max_length!r}")
     for i, (ids, prompt_len) in enumerate(batch):
         if len(ids) == 0:
             raise ValueError(f"collate_sft: sequence {i} is empty")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import DecoderConfig
+from gptlab.errors import UserError
 from gptlab.model import KVCache, init_normal, set_dropout
 
 
@@ -275,13 +276,13 @@ class Decoder(nn.Module):
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > cfg.context_length:
-            raise ValueError(
+            raise UserError(
                 f"sequence of {past + T} tokens exceeds the model's context_length {cfg.context_length}"
             )
         keep = None
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
-                raise ValueError(
+                raise UserError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}"
                 )
             keep = attention_mask.bool()

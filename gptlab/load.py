@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from gptlab.checkpoint import WEIGHTS, CheckpointError, load_state, read_config
 from gptlab.config import DecoderConfig, GPTConfig
+from gptlab.errors import UserError
 from gptlab.llama import Decoder
 from gptlab.model import GPT
 
@@ -71,4 +72,4 @@ def load_tokenizer(checkpoint: str | Path):
         from gptlab.hf_tokenizer import HFTokenizer
 
         return HFTokenizer.from_dir(checkpoint)
-    raise ValueError(f"{Path(checkpoint) / 'config.json'}: unknown tokenizer {kind!r} (expected gpt2 or hf)")
+    raise UserError(f"{Path(checkpoint) / 'config.json'}: unknown tokenizer {kind!r} (expected gpt2 or hf)")

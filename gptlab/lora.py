@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.errors import UserError
+
 LORA_TARGETS: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
 """Default targets: attention qkv (``c_attn``) and output (``attn.c_proj``), MLP up (``c_fc``) and down
 (``mlp.c_proj``) projections — every linear layer in a block (the book's appendix E replaces them all too)."""
@@ -67,7 +69,7 @@ class LoRALinear(nn.Linear):
         self.rank = rank
         self.alpha = float(alpha)
         if convention not in CONVENTIONS:
-            raise ValueError(f"LoRA convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+            raise UserError(f"LoRA convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
         self.convention = convention
         self.scaling = self.alpha / rank if convention == "peft" else self.alpha
         self.dropout = float(dropout)
@@ -97,7 +99,7 @@ class LoRALinear(nn.Linear):
         """Wrap ``linear``: its ``weight``/``bias`` Parameters are reused (same tensors, no copy), so tying,
         ``requires_grad`` and optimizer references carry over; the adapter gets the weight's device/dtype."""
         if isinstance(linear, LoRALinear):
-            raise ValueError("layer already has a LoRA adapter; merge_lora() it before adding another")
+            raise UserError("layer already has a LoRA adapter; merge_lora() it before adding another")
         weight = linear.weight
         # Build on the meta device so no throwaway base weight is allocated (or drawn from the RNG).
         layer = cls(
@@ -151,11 +153,11 @@ class LoRALinear(nn.Linear):
 def check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
     """ValueError naming the first of rank (> 0 int), alpha (> 0) or dropout ([0, 1)) that is out of range."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0 or math.isinf(alpha):
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        raise UserError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
 def _embedding_weight_ids(model: nn.Module) -> set[int]:
@@ -182,12 +184,12 @@ def apply_lora(
     check_hyperparameters(rank, alpha, dropout)
     wanted = (targets,) if isinstance(targets, str) else tuple(targets)
     if not wanted:
-        raise ValueError("LoRA targets must name at least one linear layer (e.g. 'c_attn')")
+        raise UserError("LoRA targets must name at least one linear layer (e.g. 'c_attn')")
     linears = [(name, m) for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
     available = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"LoRA target(s) {', '.join(map(repr, unknown))} match no linear layer; "
             f"available linear layer names: {', '.join(available) or '(none)'}"
         )
@@ -195,12 +197,12 @@ def apply_lora(
     tied = _embedding_weight_ids(model)
     for name, m in chosen:
         if id(m.weight) in tied:
-            raise ValueError(
+            raise UserError(
                 f"cannot apply LoRA to {name!r}: its weight is tied to the token embedding "
                 "(untie it, e.g. a classifier head, or leave it out of targets)"
             )
         if isinstance(m, LoRALinear):
-            raise ValueError(f"{name!r} already has a LoRA adapter; merge_lora() the model first")
+            raise UserError(f"{name!r} already has a LoRA adapter; merge_lora() the model first")
     for name, m in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -230,11 +232,11 @@ def mark_trainable(model: nn.Module, *, train_lora: bool = True, also: Sequence[
     prefixes = (also,) if isinstance(also, str) else tuple(also)
     lora_ids = _lora_parameter_ids(model)
     if train_lora and not lora_ids:
-        raise ValueError("model has no LoRA layers: call apply_lora() first, or pass train_lora=False")
+        raise UserError("model has no LoRA layers: call apply_lora() first, or pass train_lora=False")
     named = list(model.named_parameters(remove_duplicate=False))
     unmatched = [p for p in prefixes if not any(_matches(name, (p,)) for name, _ in named)]
     if unmatched:
-        raise ValueError(f"no parameters under {', '.join(map(repr, unmatched))} (in `also`)")
+        raise UserError(f"no parameters under {', '.join(map(repr, unmatched))} (in `also`)")
     keep = set(lora_ids) if train_lora else set()
     keep |= {id(p) for name, p in named if _matches(name, prefixes)}
     for p in model.parameters():
@@ -262,7 +264,7 @@ def lora_config(model: nn.Module) -> dict | None:
         return None
     settings = {(m.rank, m.alpha, m.dropout, m.convention) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError(f"LoRA layers have differing (rank, alpha, dropout, convention): {sorted(settings)}")
+        raise UserError(f"LoRA layers have differing (rank, alpha, dropout, convention): {sorted(settings)}")
     ((rank, alpha, dropout, convention),) = settings
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
     return {

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import GPTConfig
+from gptlab.errors import UserError
 
 
 class KVCache:
@@ -155,7 +156,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig, *, init: str = "gpt2") -> None:
         if init not in INIT_SCHEMES:
-            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {init!r}")
+            raise UserError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {init!r}")
         super().__init__()
         self.config = config
         device = torch.empty(0).device  # the default device, before the meta context below hides it
@@ -270,12 +271,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.context_length:
-            raise ValueError(
+            raise UserError(
                 f"sequence of {past + T} tokens exceeds the model's context_length {self.config.context_length}"
             )
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
-                raise ValueError(
+                raise UserError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}"
                 )
             keep = attention_mask.bool()

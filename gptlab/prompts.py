@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gptlab.errors import UserError
+
 STYLES = ("alpaca", "chat")
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_HEADER = "### Response:"
@@ -50,7 +52,7 @@ def encode_record(entry: dict, encode: Callable[[str], list[int]]) -> tuple[list
     ids = list(encode(prompt + format_response(entry["output"])))
     prompt_ids = list(encode(prompt))
     if ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
+        raise UserError(
             f"prompt tokens are not a prefix of prompt + response tokens (the prompt ends in "
             f"{prompt[-20:]!r}; trailing whitespace merges with the response header): strip the record's fields"
         )
@@ -70,7 +72,7 @@ def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[s
     """
     missing = [k for k in ("instruction", *PREFERENCE_KEYS) if k not in entry]
     if missing:
-        raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
+        raise UserError(f"preference record is missing key(s): {', '.join(missing)}")
     prompt_text = format_input(entry)
     prompt = list(encode(prompt_text))
     out: dict[str, list[int]] = {"prompt": prompt}
@@ -78,7 +80,7 @@ def encode_preference(entry: dict, encode: Callable[[str], list[int]]) -> dict[s
         ids = list(encode(prompt_text + format_response(entry[key])))
         # The collate masks the prompt by its length: a merge across the boundary would shift that mask.
         if ids[: len(prompt)] != prompt:
-            raise ValueError(
+            raise UserError(
                 f"prompt tokens are not a prefix of the {key!r} tokens (the tokenizer merged across the "
                 "prompt/response boundary); cannot mask the prompt by length"
             )
@@ -116,7 +118,7 @@ def turn_end_id(tokenizer: Any) -> int:
         if token in tokenizer.special.values() or token in _added_special(tokenizer):
             return tokenizer.tokenizer.token_to_id(token)
     if tokenizer.eos_id is None:
-        raise ValueError("the chat template ends a turn with no special token and the tokenizer has no EOS")
+        raise UserError("the chat template ends a turn with no special token and the tokenizer has no EOS")
     return tokenizer.eos_id
 
 
@@ -129,9 +131,9 @@ class Prompter:
 
     def __init__(self, style: str, tokenizer: Any) -> None:
         if style not in STYLES:
-            raise ValueError(f"prompt_style must be one of {', '.join(STYLES)}, got {style!r}")
+            raise UserError(f"prompt_style must be one of {', '.join(STYLES)}, got {style!r}")
         if style == "chat" and not tokenizer.chat_template:
-            raise ValueError(
+            raise UserError(
                 "prompt_style 'chat' needs a model with a chat template (GPT-2 models: use 'alpaca')"
             )
         self.style, self.tokenizer = style, tokenizer
@@ -162,7 +164,7 @@ class Prompter:
             return encode_preference(entry, self.tokenizer.encode)
         missing = [k for k in ("instruction", "chosen", "rejected") if k not in entry]
         if missing:
-            raise ValueError(f"preference record is missing key(s): {', '.join(missing)}")
+            raise UserError(f"preference record is missing key(s): {', '.join(missing)}")
         prompt = self.prompt_ids(entry)
         return {
             "prompt": prompt,

@@ -103,7 +103,7 @@ def find_bpe_file() -> Path | None:
 def load_encoding(name: str = "gpt2") -> tiktoken.Encoding:
     """GPT-2's tiktoken encoding (``<|endoftext|>`` = 50256), resolved offline first (module docstring)."""
     if name not in ("gpt2", "r50k_base"):
-        raise ValueError(f"unknown tokenizer {name!r}; gptlab models use 'gpt2'")
+        raise UserError(f"unknown tokenizer {name!r}; gptlab models use 'gpt2'")
     path = find_bpe_file()
     if path is not None:
         return _encoding_from_bytes(_read_verified(path))
@@ -180,10 +180,10 @@ class GPT2Tokenizer:
         return decode([i for i in ids if i != EOT_ID] if skip_special_tokens else ids)
 
     def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
-        raise ValueError("GPT-2 models have no chat template (use the Alpaca prompt style)")
+        raise UserError("GPT-2 models have no chat template (use the Alpaca prompt style)")
 
     def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
-        raise ValueError("GPT-2 models have no chat template (use the Alpaca prompt style)")
+        raise UserError("GPT-2 models have no chat template (use the Alpaca prompt style)")
 
 
 @functools.cache

@@ -111,31 +111,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError(
+            raise UserError(
                 f"set exactly one of max_steps and epochs (got {self.max_steps} and {self.epochs})"
             )
         for name in ("max_steps", "epochs"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise UserError(f"{name} must be > 0, got {value}")
         if self.grad_accum_steps <= 0:
-            raise ValueError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
+            raise UserError(f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         if self.decay not in ("cosine", "constant"):
-            raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+            raise UserError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
         if self.eval_first and not self.eval_interval:
-            raise ValueError("eval_first needs eval_interval > 0 (it shifts the periodic evaluations)")
+            raise UserError("eval_first needs eval_interval > 0 (it shifts the periodic evaluations)")
         if self.weight_decay_scope not in ("matrices", "all"):
-            raise ValueError(
+            raise UserError(
                 f"weight_decay_scope must be 'matrices' or 'all', got {self.weight_decay_scope!r}"
             )
         if self.parallelism not in ("ddp", "fsdp"):
-            raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
+            raise UserError(f"parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+            raise UserError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
-            raise ValueError(f"warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+            raise UserError(f"warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+            raise UserError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
         self.betas = tuple(self.betas)  # YAML gives lists
 
 
@@ -289,7 +289,7 @@ def evaluate(
             batches.load_state_dict(position)
         model.train(was_training)
     if n == 0:
-        raise ValueError("evaluation data yielded no batches")
+        raise UserError("evaluation data yielded no batches")
     return total / n
 
 
@@ -340,7 +340,7 @@ def _batches_forever(source: BatchSource) -> Iterator[Batch]:
             produced = True
             yield batch
         if not produced:
-            raise ValueError("training data yielded no batches")
+            raise UserError("training data yielded no batches")
 
 
 # --- the training loop: setup, one optimization step, evaluation, checkpoint ----------------------------------
@@ -485,7 +485,7 @@ def _restore(
     and, last, the RNG streams, so the next step draws the dropout masks the uninterrupted run would have."""
     layout = resumed.get("optimizer_layout", "replicated")
     if layout != ("sharded" if fsdp else "replicated"):
-        raise ValueError(
+        raise UserError(
             f"{getattr(checkpointer, 'directory', 'the checkpoint')}: written by a "
             f"{'parallelism: fsdp' if layout == 'sharded' else 'single-process or ddp'} run; resume it the same way"
         )
@@ -692,7 +692,7 @@ def train(
     ``cfg.eval_train`` so that evaluation never moves the training position.
     """
     if cfg.eval_train and train_eval_data is None:
-        raise ValueError("eval_train needs train_eval_data: a second loader over the training data")
+        raise UserError("eval_train needs train_eval_data: a second loader over the training data")
     run, progress = _setup(model, train_data, cfg, torch.device(device), checkpointer)
     cfg = run.cfg
     batches = _batches_forever(train_data)

@@ -111,8 +111,10 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
 
 def build_model(base: Path, params: ClassifyParams, device: str):
     model, _ = load_checkpoint(base)  # GPT or Decoder
-    torch.manual_seed(params.train.seed)  # the new head's initialisation
-    model = to_classifier(model, len(LABELS), head_init=params.head_init)
+    # The new head's initialisation: in a forked RNG unless training continues the global stream (reseed: false).
+    with torch.random.fork_rng(devices=[], enabled=params.train.reseed):
+        torch.manual_seed(params.train.seed)
+        model = to_classifier(model, len(LABELS), head_init=params.head_init)
     if params.trainable == "lora":
         add_adapters(model, params.lora, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:

