@@ -186,9 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True, help="base model checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="label<TAB>text file")
-    Outputs.add_arguments(parser)
-    parser.add_argument("--confusion-png", type=Path, required=True)
-    parser.add_argument("--confusion-json", type=Path, required=True)
+    Outputs.add_arguments(parser, confusion=True)
     args = parser.parse_args()
     params = load_section("classify", ClassifyParams)
     run(

@@ -11,6 +11,7 @@ curves, plots, test responses, MLflow and the Model Registry.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +137,14 @@ class Outputs:
 
     @staticmethod
     def add_arguments(
-        parser: argparse.ArgumentParser, *, curves: str = "curves", responses: bool = False
+        parser: argparse.ArgumentParser,
+        *,
+        curves: str = "curves",
+        responses: bool = False,
+        confusion: bool = False,
     ) -> None:
         """The output options: ``--model --metrics --<curves>-csv --<curves>-png`` [``--responses
-        --responses-table``]."""
+        --responses-table``] [``--confusion-json --confusion-png``]."""
         parser.add_argument("--model", type=Path, required=True, help="output checkpoint directory")
         parser.add_argument("--metrics", type=Path, required=True)
         parser.add_argument(f"--{curves}-csv", dest="curves_csv", type=Path, required=True)
@@ -147,10 +152,15 @@ class Outputs:
         if responses:
             parser.add_argument("--responses", type=Path, required=True, help="test-set responses (JSON)")
             parser.add_argument("--responses-table", type=Path, required=True, help="the same as Parquet")
+        if confusion:
+            parser.add_argument("--confusion-png", type=Path, required=True)
+            parser.add_argument("--confusion-json", type=Path, required=True)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Outputs:
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
+        return cls(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        )
 
 
 def writes_outputs() -> bool:
