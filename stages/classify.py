@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from gptlab import distributed, lora
-from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import save_checkpoint
+from gptlab import lora
+from gptlab.batches import ListBatches
 from gptlab.classify import (
     HEAD_INITS,
     TRAINABLE,
@@ -36,52 +34,43 @@ from gptlab.classify import (
     to_classifier,
 )
 from gptlab.errors import UserError
-from gptlab.fileio import read_utf8, write_json
+from gptlab.fileio import read_utf8
 from gptlab.load import load_checkpoint, load_tokenizer
-from gptlab.model import GPT
 from gptlab.tokenizer import GPT2Tokenizer
-from gptlab.train import TrainConfig, train
-from stages import registry, tracking
+from gptlab.train import train
 from stages.adapters import LoraParams, add_adapters, finish_adapters
-from stages.entry import stage_main
-from stages.launch import LaunchParams, prepare
+from stages.entry import stage_log, stage_main
+from stages.finetune import FinetuneParams, FinetuneResult, FinetuneStage, Outputs, run
 from stages.params import check_choice, load_section
-from stages.plots import plot_confusion, plot_curves, write_history_csv
 
 LABELS = ("ham", "spam")
-REGISTERED_NAME = "gptlab-spam-classifier"
+STAGE = FinetuneStage(
+    "classify",
+    registered_name="gptlab-spam-classifier",
+    curves=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),
+    title="spam classifier",
+    ylabel="loss / accuracy",
+)
 
 
 @dataclass
-class ClassifyParams:
+class ClassifyParams(FinetuneParams):
+    max_length: int | None = None
+    """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
     csv_quoting: bool = False
     """Read the TSV with CSV quote rules, as the book's ``pd.read_csv(sep="\\t")`` does (a message starting
     with a quote runs to the closing quote); false reads one message per line, as the file is written."""
     balance: bool = True
     """Undersample ham to the number of spam messages (the book does)."""
-    max_length: int | None = None
-    """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
     trainable: str = "last_block"
     """head | last_block | all | lora."""
     head_init: str = "gpt2"
     """The new 2-class head (gptlab.classify.HEAD_INITS): ``gpt2`` (N(0, 0.02)) or ``torch_default``
     (``nn.Linear``'s default, drawn right after ``seed`` as the book's ch. 6)."""
     lora: LoraParams = field(default_factory=LoraParams)
-    batch_size: int = 8
-    drop_last: bool = False
-    """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
-    data_order: str = "seeded"
-    """Shuffled order of the training batches (gptlab.batches.ORDERS): ``seeded`` or ``torch`` (the book's
-    DataLoader)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
-    launch: LaunchParams = field(default_factory=LaunchParams)
-    """Processes and nodes: more than one trains data-parallel under ``torchrun`` (:mod:`stages.launch`);
-    ``batch_size`` is the global batch."""
-    device: str = "auto"
 
     def __post_init__(self) -> None:
-        check_choice("data_order", self.data_order, ORDERS)
+        super().__post_init__()
         check_choice("head_init", self.head_init, HEAD_INITS)
         check_choice("trainable", self.trainable, TRAINABLE)
 
@@ -110,34 +99,30 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
 
 
 def build_model(base: Path, params: ClassifyParams, device: str):
-    model, _ = load_checkpoint(base)  # GPT or Decoder
-    # The new head's initialisation: in a forked RNG unless training continues the global stream (reseed: false).
-    with torch.random.fork_rng(devices=[], enabled=params.train.reseed):
+    model, _ = load_checkpoint(base)  # GPT or Decoder, on the CPU: the new weights are drawn there
+    # The new head (and the LoRA adapters) are drawn right after seeding with train.seed, as the book's
+    # torch.manual_seed(123) before its new out_head.
+    if not params.train.reseed:  # training continues this stream, as the book's (it seeds once)
         torch.manual_seed(params.train.seed)
-        model = to_classifier(model, len(LABELS), head_init=params.head_init)
+        return _trainable_classifier(model, params).to(device)
+    with torch.random.fork_rng(devices=[]):  # training reseeds anyway: the caller's RNGs are left as found
+        torch.default_generator.manual_seed(params.train.seed)  # the CPU's alone: the weights are drawn there
+        return _trainable_classifier(model, params).to(device)
+
+
+def _trainable_classifier(model, params: ClassifyParams):
+    model = to_classifier(model, len(LABELS), head_init=params.head_init)
     if params.trainable == "lora":
         add_adapters(model, params.lora, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:
         set_trainable(model, params.trainable)
-    return model.to(device)
+    return model
 
 
-@dataclass
-class ClassifyResult:
-    model: GPT
-    """The trained classifier (adapters merged if ``lora.merge``)."""
-    meta: dict
-    """Checkpoint metadata: labels, max_length, LoRA settings."""
-    metrics: dict
-    history: list[dict]
-    confusion: list[list[int]]
-    """Test-split confusion matrix (rows: true class)."""
-    tokenizer: Any = None
-    """The base model's tokenizer (saved with the classifier)."""
-
-
-def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, callback=None) -> ClassifyResult:
-    """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written."""
+def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, callback=None) -> FinetuneResult:
+    """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written. The result
+    holds the test split's confusion matrix (``confusion``) and the checkpoint metadata: labels, max_length,
+    LoRA settings."""
     model = build_model(base, params, device)
     tokenizer = load_tokenizer(base)
     splits, max_length = prepare_splits(
@@ -148,8 +133,8 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
         tokenizer=tokenizer,
     )
     trainable, total = lora.count_parameters(model)
-    print(
-        f"classify: {trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
+    stage_log("classify").info(
+        f"{trainable:,} of {total:,} parameters trainable ({params.trainable}); max_length {max_length}"
     )
     train_items = list(zip(*splits["train"], strict=True))
     kw = dict(
@@ -193,7 +178,7 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
         "max_length": max_length,
         **adapters,
     }
-    return ClassifyResult(model, meta, metrics, result.history, cm.tolist(), tokenizer)
+    return FinetuneResult(model, metrics, result.history, meta, tokenizer, confusion=cm.tolist())
 
 
 @stage_main("classify")
@@ -201,34 +186,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True, help="base model checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="label<TAB>text file")
-    parser.add_argument("--model", type=Path, required=True, help="output classifier checkpoint")
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--curves-csv", type=Path, required=True)
-    parser.add_argument("--curves-png", type=Path, required=True)
-    parser.add_argument("--confusion-png", type=Path, required=True)
-    parser.add_argument("--confusion-json", type=Path, required=True)
+    Outputs.add_arguments(parser, confusion=True)
     args = parser.parse_args()
     params = load_section("classify", ClassifyParams)
-    device = prepare("classify", params.launch, params.device)
-    if not distributed.is_main():  # train in lockstep with rank 0, which writes and logs everything
-        classify(params, args.base, args.data, device)
-        return
-
-    with tracking.stage_run("classify", params):
-        out = classify(params, args.base, args.data, device, callback=tracking.metrics_logger())
-        save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
-        write_json(args.metrics, out.metrics)
-        write_json(args.confusion_json, {"labels": list(LABELS), "matrix": out.confusion, "split": "test"})
-        columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
-        write_history_csv(out.history, args.curves_csv, columns)
-        plot_curves(out.history, args.curves_png, columns, title="spam classifier", ylabel="loss / accuracy")
-        plot_confusion(out.confusion, list(LABELS), args.confusion_png, title="test confusion matrix")
-        tracking.log_metrics(out.metrics, prefix="final_")
-        tracking.log_outputs("classify")
-        registry.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
-    m = out.metrics
-    print(
-        f"classify: test accuracy {m['test_accuracy']:.3f} (majority baseline {m['test_majority_baseline']:.3f}) -> {args.model}"
+    run(
+        STAGE,
+        params,
+        lambda device, callback: classify(params, args.base, args.data, device, callback=callback),
+        Outputs.from_args(args),
+        summary=lambda out: [
+            f"test accuracy {out.metrics['test_accuracy']:.3f} "
+            f"(majority baseline {out.metrics['test_majority_baseline']:.3f}) -> {args.model}"
+        ],
     )
 
 

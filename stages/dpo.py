@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from gptlab import distributed, lora
-from gptlab.batches import ORDERS, ListBatches
-from gptlab.checkpoint import save_checkpoint
+from gptlab import lora
+from gptlab.batches import ListBatches
 from gptlab.dpo import (
     REDUCTIONS,
     collate_preferences,
@@ -26,86 +24,54 @@ from gptlab.dpo import (
     trl_names,
 )
 from gptlab.errors import UserError
-from gptlab.fileio import write_json
 from gptlab.instruct import generate_responses
 from gptlab.load import load_checkpoint, load_tokenizer
-from gptlab.model import GPT
 from gptlab.prompts import Prompter
-from gptlab.train import TrainConfig, train
-from stages import registry, tracking
-from stages.adapters import LoraParams, add_adapters, finish_adapters, parameter_counts
+from gptlab.train import train
+from stages.adapters import add_adapters, finish_adapters, parameter_counts
 from stages.entry import stage_main
-from stages.launch import LaunchParams, prepare
+from stages.finetune import FinetuneResult, FinetuneStage, Outputs, RecordsParams, run
 from stages.params import check_choice, load_section
-from stages.plots import plot_curves, write_history_csv
 from stages.records import load_splits
-from stages.responses import write_responses
 
-REGISTERED_NAME = "gptlab-dpo"
+STAGE = FinetuneStage(
+    "dpo",
+    registered_name="gptlab-dpo",
+    curves=tuple(
+        f"{split}_{key}" for key in ("loss", "reward_accuracy", "reward_margin") for split in ("train", "val")
+    ),
+    title="DPO",
+    ylabel="loss / reward",
+    metrics_prefix="",
+)
 
 
 @dataclass
-class DpoParams:
+class DpoParams(RecordsParams):
     beta: float = 0.1
     """Strength of the KL anchor to the reference model (the book: 0.1)."""
     reduction: str = "sum"
     """Sequence log-probability over response tokens: ``sum`` (the DPO paper) or ``mean`` per token (the
     book's notebook)."""
-    skip_invalid: bool = False
-    split_shuffle: bool = True
-    """Shuffle the records (seeded) before the 85/10/5 split; false splits in file order, as the book's ch. 7."""
-    train_frac: float = 0.85
-    test_frac: float = 0.10
     mask_prompt: bool = True
     """Score response tokens only (the book masks the prompt)."""
-    lora: LoraParams | None = None
-    """Train LoRA adapters on the policy only (the reference stays the SFT model); None = every weight."""
-    max_length: int | None = None
-    batch_size: int = 8
-    drop_last: bool = False
-    """Drop each epoch's last, incomplete training batch (the book's training DataLoaders do)."""
-    data_order: str = "seeded"
-    """Shuffled order of the training batches (gptlab.batches.ORDERS): ``seeded`` or ``torch`` (the book's
-    DataLoader)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimiser settings (``train.epochs`` or ``train.max_steps``)."""
-    max_new_tokens: int = 256
-    launch: LaunchParams = field(default_factory=LaunchParams)
-    """Processes and nodes: more than one trains data-parallel under ``torchrun`` (:mod:`stages.launch`);
-    ``batch_size`` is the global batch."""
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("reduction", self.reduction, REDUCTIONS)
-        check_choice("data_order", self.data_order, ORDERS)
+        super().__post_init__()
         if self.train.eval_train:
             raise UserError(
                 "train.eval_train: the DPO stage measures train loss and rewards itself (train.eval_batches)"
             )
 
 
-@dataclass
-class DpoResult:
-    model: GPT
-    metrics: dict
-    history: list[dict]
-    responses: list[dict]
-    """Test records with the reference's (SFT) and the policy's answers."""
-    tokenizer: Any = None
-    meta: dict = field(default_factory=dict)
-    """Checkpoint metadata: prompt style, beta, reduction, LoRA settings."""
-
-
-def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, callback=None) -> DpoResult:
-    """DPO on the ``sft`` checkpoint with the ``data`` preference records; test answers of both models."""
+def preference_tune(
+    params: DpoParams, sft: Path, data: Path, device: str, *, callback=None
+) -> FinetuneResult:
+    """DPO on the ``sft`` checkpoint with the ``data`` preference records; test answers of both models (the
+    reference's as ``reference_response``). Checkpoint metadata: prompt style, beta, reduction, LoRA settings."""
     parts, num_records, skipped = load_splits(
-        data,
-        required=("instruction", "input", "chosen", "rejected"),
-        skip_invalid=params.skip_invalid,
-        train_frac=params.train_frac,
-        test_frac=params.test_frac,
-        seed=params.train.seed,
-        shuffle=params.split_shuffle,
+        data, required=("instruction", "input", "chosen", "rejected"), **params.split_settings()
     )
     train_set, val_set, test_set = parts
     policy, sft_config = load_checkpoint(sft, device=device)
@@ -205,7 +171,7 @@ def preference_tune(params: DpoParams, sft: Path, data: Path, device: str, *, ca
         "reduction": params.reduction,
         **adapters,
     }
-    return DpoResult(policy, metrics, result.history, rows, tokenizer, meta)
+    return FinetuneResult(policy, metrics, result.history, meta, tokenizer, responses=rows)
 
 
 @stage_main("dpo")
@@ -217,38 +183,23 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, required=True, help="preference JSON (instruction/input/chosen/rejected)"
     )
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--curves-csv", type=Path, required=True)
-    parser.add_argument("--curves-png", type=Path, required=True)
-    parser.add_argument("--responses", type=Path, required=True)
-    parser.add_argument("--responses-table", type=Path, required=True)
+    Outputs.add_arguments(parser, responses=True)
     args = parser.parse_args()
     params = load_section("dpo", DpoParams)
-    device = prepare("dpo", params.launch, params.device)
-    if not distributed.is_main():  # train in lockstep with rank 0, which writes and logs everything
-        preference_tune(params, args.sft, args.data, device)
-        return
 
-    with tracking.stage_run("dpo", params):
-        out = preference_tune(params, args.sft, args.data, device, callback=tracking.metrics_logger())
-        save_checkpoint(out.model, args.model, tokenizer=out.tokenizer, meta=out.meta)
-        write_responses(out.responses, args.responses, args.responses_table)
-        write_json(args.metrics, out.metrics)
-        columns = [
-            f"{split}_{key}"
-            for key in ("loss", "reward_accuracy", "reward_margin")
-            for split in ("train", "val")
+    def summary(out: FinetuneResult) -> list[str]:
+        m = out.metrics
+        return [
+            f"train reward accuracy {m['initial_train_reward_accuracy']:.2f} -> {m['final_train_reward_accuracy']:.2f}, "
+            f"margin {m['initial_train_reward_margin']:.3f} -> {m['final_train_reward_margin']:.3f} -> {args.model}"
         ]
-        write_history_csv(out.history, args.curves_csv, columns)
-        plot_curves(out.history, args.curves_png, columns, title="DPO", ylabel="loss / reward")
-        tracking.log_metrics(out.metrics)
-        tracking.log_outputs("dpo")
-        registry.log_model(args.model, registered_name=REGISTERED_NAME, metrics=out.metrics)
-    m = out.metrics
-    print(
-        f"dpo: train reward accuracy {m['initial_train_reward_accuracy']:.2f} -> {m['final_train_reward_accuracy']:.2f}, "
-        f"margin {m['initial_train_reward_margin']:.3f} -> {m['final_train_reward_margin']:.3f} -> {args.model}"
+
+    run(
+        STAGE,
+        params,
+        lambda device, callback: preference_tune(params, args.sft, args.data, device, callback=callback),
+        Outputs.from_args(args),
+        summary=summary,
     )
 
 
