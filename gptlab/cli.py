@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from gptlab.errors import UserError
+
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     from gptlab.generate import SamplingConfig, generate
@@ -158,7 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         from gptlab.serve.guard import Limits
         from gptlab.serve.models import parse_model_arg
     except ImportError as exc:
-        raise RuntimeError(
+        raise UserError(
             f"gptlab serve needs the serve extra ({exc.name} is missing): pip install 'gptlab[serve]'"
         ) from None
 
@@ -181,7 +183,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     try:  # the page is outside the core library: it needs the `chat` extra
         from gptlab.chatui.app import run
     except ImportError as exc:
-        raise RuntimeError(
+        raise UserError(
             f"gptlab chat needs the chat extra ({exc.name} is missing): pip install 'gptlab[chat]'"
         ) from None
     run(args.server, host=args.host, port=args.port, open_browser=not args.no_browser)

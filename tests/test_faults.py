@@ -189,7 +189,8 @@ def test_orphaned_work_dirs_are_removed(clone: Path) -> None:
     # An interrupted run of other params is removed when pretraining starts with new params ...
     stale = interrupted_run(clone, 41)
     kept = interrupted_run(clone, 42)
-    assert not stale.exists() and [p.name for p in (clone / "work" / "pretrain").iterdir()] == [kept.name]
+    # (The kill may land inside a later save, leaving its hidden temp directory: the next run clears it.)
+    assert not stale.exists() and checkpoints(clone / "work" / "pretrain") == [kept]
     (clone / "params.yaml").write_text(original)
     run([sys.executable, "-m", "dvc", "repro", "pretrain"], clone, env(clone))
     assert not (clone / "work" / "pretrain").exists()  # ... and a finished run removes its own work dir.
