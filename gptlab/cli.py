@@ -171,6 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--model {name!r} is given twice")
         models[name] = directory
     limits = Limits.from_env(
+        api_key_file=args.api_key_file,
         read_timeout=args.read_timeout,
         max_connections=args.max_connections,
         allow_hosts=args.allow_host,
@@ -307,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-timeout", type=float, default=None, help="seconds for a request's head, and its body (10)"
     )
     s.add_argument("--max-connections", type=int, default=None, help="connections served at once (256)")
+    s.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="a file whose first line is the API key clients must send (Authorization: Bearer KEY); also "
+        "GPTLAB_API_KEY. Required with a --host other than loopback",
+    )
     s.add_argument(
         "--max-batch",
         type=int,

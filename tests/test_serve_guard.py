@@ -158,3 +158,59 @@ def test_loopback_and_origin_rules() -> None:
     assert origin_allowed("http://127.0.0.1:5173", limits) and origin_allowed("https://localhost", limits)
     assert not origin_allowed("null", limits) and not origin_allowed("file://", limits)
     assert origin_allowed("null", Limits(allow_origins=["*"]))
+
+
+def test_an_api_key_is_required_from_every_client(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "k-" + "x" * 40
+    srv = server(api_key=key)
+    body = {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+    status, headers, raw = post(srv.port, "/api/generate", body)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert "Authorization: Bearer" in json.loads(raw)["error"]
+    assert post(srv.port, "/api/generate", body, {"Authorization": "Bearer wrong"})[0] == 401
+    assert post(srv.port, "/api/generate", body, {"Authorization": f"Basic {key}"})[0] == 401
+    assert post(srv.port, "/api/generate", body, {"Authorization": f"Bearer {key}"})[0] == 200
+    # OpenAI's shape: the 401 is an OpenAI error object; the client's api_key is the bearer token.
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, _, raw = post(srv.port, "/v1/chat/completions", chat)
+    assert status == 401 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, _, raw = post(srv.port, "/v1/chat/completions", chat, {"Authorization": f"Bearer {key}"})
+    assert status == 200 and json.loads(raw)["object"] == "chat.completion"
+    # The official ollama client passes it as a header; so does the chat page, from GPTLAB_API_KEY.
+    import ollama
+
+    from gptlab.chatui.backend import Backend, ServerError
+
+    assert [
+        m.model for m in ollama.Client(host=srv.url, headers={"Authorization": f"Bearer {key}"}).list().models
+    ]
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=srv.url).list()
+    assert refused.value.status_code == 401
+    monkeypatch.delenv("GPTLAB_API_KEY", raising=False)
+    with pytest.raises(ServerError, match="wants an API key"):
+        Backend(srv.url).models()
+    monkeypatch.setenv("GPTLAB_API_KEY", key)
+    assert Backend(srv.url).models() == ["tiny:latest"]
+
+
+def test_beyond_loopback_the_server_refuses_to_start_without_a_key(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from gptlab.cli import main
+
+    monkeypatch.delenv("GPTLAB_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="exposes the server"):  # refused before binding anything
+        make_server({"tiny": checkpoint}, host="0.0.0.0", limits=Limits())
+    assert main(["serve", "--model", f"tiny={checkpoint}", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GPTLAB_API_KEY" in err and "Traceback" not in err
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    assert main(["serve", "--model", f"tiny={checkpoint}", "--api-key-file", str(empty), "--port", "0"]) == 2
+    assert "first line must hold the key" in capsys.readouterr().err
+    key_file = tmp_path / "key2"
+    key_file.write_text("secret-key\n")
+    assert Limits.from_env(api_key_file=key_file).api_key == "secret-key"
+    monkeypatch.setenv("GPTLAB_API_KEY", " from-env ")
+    assert Limits.from_env().api_key == "from-env" and "from-env" not in repr(Limits.from_env())

@@ -5,6 +5,7 @@ official ``ollama`` client. Failures become :class:`ServerError` with a message 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -46,7 +47,10 @@ class Backend:
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         # A proxy from the environment must not capture a loopback server; a remote one may need it.
         trust_env = parts.hostname not in LOOPBACK
-        self.client = ollama.Client(host=self.url, timeout=timeout, trust_env=trust_env)
+        # A gptlab serve with an API key wants it as a bearer token (Ollama itself ignores the header).
+        key = os.environ.get("GPTLAB_API_KEY", "").strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self.client = ollama.Client(host=self.url, timeout=timeout, trust_env=trust_env, headers=headers)
 
     def _down(self) -> ServerError:
         return ServerError(
@@ -61,6 +65,11 @@ class Backend:
                 return ServerError(
                     f"The server at {self.url} has no model {model!r} ({exc.error}). Press Refresh and pick "
                     "one it serves."
+                )
+            if exc.status_code == 401:
+                return ServerError(
+                    f"The server at {self.url} wants an API key: start `gptlab chat` with GPTLAB_API_KEY set "
+                    "to the key `gptlab serve` was given."
                 )
             if exc.status_code < 0:  # an error sent inside the stream, after the reply had started
                 return ServerError(f"The server at {self.url} stopped the reply: {exc.error}")

@@ -4,7 +4,8 @@
 foreground for the CLI, or in a background thread for tests and notebooks); :func:`serve` is the CLI. Every
 request is logged as one line (time, client, method, path, status, duration) to ``log`` (stderr by default).
 The model store endpoints (``/api/pull``, ``/api/create``, ``/api/delete``, ...) answer 501: the served models
-are fixed at start-up. The server binds 127.0.0.1 unless told otherwise: it has no authentication.
+are fixed at start-up. The server binds 127.0.0.1 unless told otherwise; bound beyond loopback it requires an
+API key (:mod:`gptlab.serve.guard`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptlab.serve import ollama_api, openai_api
 from gptlab.serve.batching import DEFAULT_MAX_BATCH, Batcher
-from gptlab.serve.guard import HostOriginGuard, Limits, timed_protocol
+from gptlab.serve.guard import HostOriginGuard, Limits, require_key_when_exposed, timed_protocol
 from gptlab.serve.http import NOTE, endpoint, error_response
 from gptlab.serve.models import DEFAULT_HOST, DEFAULT_PORT, ServedModel, load_models
 from gptlab.serve.requests import ApiError
@@ -167,10 +168,11 @@ class Server:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        self.limits = limits or Limits.from_env()
+        require_key_when_exposed(host, self.limits)
         self.models = dict(models)
         for served in self.models.values():
             served.batcher = Batcher(served, max_batch) if max_batch > 1 else None
-        self.limits = limits or Limits.from_env()
         self.app = create_app(self.models, log=log, limits=self.limits, bound_host=host)
         self.stopping: threading.Event = self.app.state.stopping
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -243,6 +245,8 @@ def make_server(
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> Server:
     """Load every model (fail fast: one ValueError naming the bad directory) and bind ``host:port``."""
+    limits = limits or Limits.from_env()
+    require_key_when_exposed(host, limits)  # before the models load: the refusal comes at once
     return Server(load_models(models, device=device), host, port, log=log, limits=limits, max_batch=max_batch)
 
 
@@ -263,11 +267,8 @@ def serve(
     print(f"gptlab serve: listening on {server.url} (Ctrl-C stops)", flush=True)
     print(f"  models: {', '.join(server.models)}", flush=True)
     print(f'  try:    OLLAMA_HOST={shown} ollama run {first} "Hello"', flush=True)
-    if server.host not in ("127.0.0.1", "::1", "localhost"):
-        print(
-            f"gptlab serve: warning: {server.host} is reachable from other machines; there is no authentication",
-            file=sys.stderr,
-        )
+    if server.limits.api_key:
+        print("  auth:   clients send 'Authorization: Bearer <key>' (the key is not shown)", flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -11,10 +11,15 @@
   previous response on a kept-alive connection), and its body within ``read_timeout`` of the head; otherwise
   the connection is closed (head) or answered 408 (body). Idle kept-alive connections close after 5 s.
 * **Connections**: at most ``max_connections`` at once; past that new requests get a 503 straight away.
+* **API key**: with a key (``GPTLAB_API_KEY`` or ``--api-key-file``) every request must carry
+  ``Authorization: Bearer <key>`` (what OpenAI clients send from ``api_key``, and the ``ollama`` client from
+  ``headers=``), else 401; CORS preflights, which browsers send without credentials, pass. A server bound to
+  anything but loopback refuses to start without one: exposed, it must not be open to whoever can reach it.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from gptlab.errors import UserError
 from gptlab.serve.http import error_payload, json_response
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -40,13 +46,24 @@ class Limits:
     """``Host`` names accepted besides the loopback names (for a loopback-bound server)."""
     allow_origins: list[str] = field(default_factory=list)
     """``Origin`` values accepted besides loopback origins; ``*`` accepts every origin."""
+    api_key: str | None = field(default=None, repr=False)
+    """The key every request must send as ``Authorization: Bearer <key>``; None: no key (loopback only)."""
 
     @classmethod
-    def from_env(cls, **overrides) -> Limits:
-        """Defaults plus ``GPTLAB_HOSTS`` / ``GPTLAB_ORIGINS`` (comma-separated), then ``overrides``."""
+    def from_env(cls, api_key_file: str | os.PathLike | None = None, **overrides) -> Limits:
+        """Defaults plus ``GPTLAB_HOSTS`` / ``GPTLAB_ORIGINS`` (comma-separated) and ``GPTLAB_API_KEY`` (or the
+        first line of ``api_key_file``, which wins), then ``overrides``."""
         hosts = [h.strip() for h in os.environ.get("GPTLAB_HOSTS", "").split(",") if h.strip()]
         origins = [o.strip() for o in os.environ.get("GPTLAB_ORIGINS", "").split(",") if o.strip()]
-        limits = cls(allow_hosts=hosts, allow_origins=origins)
+        api_key = os.environ.get("GPTLAB_API_KEY", "").strip() or None
+        if api_key_file is not None:
+            lines = open(api_key_file, encoding="utf-8").read().splitlines()  # noqa: SIM115 (a tiny file)
+            api_key = lines[0].strip() if lines else ""
+            if not api_key:
+                raise UserError(
+                    f"--api-key-file {api_key_file}: the first line must hold the key; it is empty"
+                )
+        limits = cls(allow_hosts=hosts, allow_origins=origins, api_key=api_key)
         for key, value in overrides.items():
             if key in ("allow_hosts", "allow_origins"):
                 getattr(limits, key).extend(value or [])
@@ -57,6 +74,20 @@ class Limits:
         if limits.max_connections < 1:
             raise ValueError(f"--max-connections must be at least 1, got {limits.max_connections}")
         return limits
+
+
+def require_key_when_exposed(bound_host: str, limits: Limits) -> None:
+    """Refuse to serve beyond loopback without an API key (module docstring)."""
+    if not is_loopback(bound_host) and not limits.api_key:
+        raise UserError(
+            f"--host {bound_host} exposes the server to other machines: give it an API key (GPTLAB_API_KEY=... or "
+            "--api-key-file FILE); clients then send 'Authorization: Bearer <key>'"
+        )
+
+
+def key_matches(authorization: str | None, key: str) -> bool:
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def is_loopback(host: str) -> bool:
@@ -81,7 +112,8 @@ def origin_allowed(origin: str, limits: Limits) -> bool:
 
 
 class HostOriginGuard:
-    """ASGI middleware: 403 for a foreign ``Host`` (on a loopback-bound server) or a foreign ``Origin``."""
+    """ASGI middleware: 403 for a foreign ``Host`` (on a loopback-bound server) or a foreign ``Origin``; 401 for
+    a missing or wrong API key when the server has one."""
 
     def __init__(self, app: ASGIApp, *, limits: Limits, bound_host: str) -> None:
         self.app, self.limits = app, limits
@@ -102,10 +134,19 @@ class HostOriginGuard:
         origin = headers.get("origin")
         if problem is None and origin is not None and not origin_allowed(origin, self.limits):
             problem = f"origin {origin!r} is not allowed; allow it with --allow-origin or GPTLAB_ORIGINS"
-        if problem is None:
-            await self.app(scope, receive, send)
+        if problem is not None:
+            await json_response(error_payload(scope["path"], 403, problem), 403)(scope, receive, send)
             return
-        await json_response(error_payload(scope["path"], 403, problem), 403)(scope, receive, send)
+        key = self.limits.api_key
+        preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
+        if key and not preflight and not key_matches(headers.get("authorization"), key):
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            challenge = {"WWW-Authenticate": 'Bearer realm="gptlab"'}
+            await json_response(error_payload(scope["path"], 401, message), 401, challenge)(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
 
 
 class TimedH11Protocol(H11Protocol):
