@@ -545,9 +545,9 @@ def up(cfg: StackConfig, repo: Path = ROOT) -> float | None:
         prefect_up(cfg, creds)
     _wait(cfg, "s3", "SeaweedFS (S3)", lambda: _http_ok(f"{cfg.s3_url}/healthz"), 90)
     make_buckets(cfg, creds)
-    _wait(cfg, "prefect", "the Prefect server", lambda: health(cfg, creds)["prefect"][0], 120)
+    _wait(cfg, "prefect", "the Prefect server", lambda: health(cfg, creds)["prefect"][0], 180)
     workers_up(cfg, creds)
-    _wait(cfg, "mlflow", "the MLflow server", lambda: _http_ok(f"{cfg.mlflow_url}/health"), 120)
+    _wait(cfg, "mlflow", "the MLflow server", lambda: _http_ok(f"{cfg.mlflow_url}/health"), 180)
     configure_dvc(cfg, creds, repo)
     return time.monotonic() - t0
 

@@ -382,6 +382,7 @@ def run_in_process(
     with monkeypatch.context() as m:
         m.chdir(root)
         m.setattr(sys, "argv", [module, *args])
+        m.delitem(sys.modules, module, raising=False)  # as `python -m` finds it: not yet imported
         for key in [k for k in os.environ if k.startswith(("PREFECT_", "MLFLOW_"))]:
             m.delenv(key)
         for key, value in clean_env(root).items():
