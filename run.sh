@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for set-up and the two README commands:
-#   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect]   set up, run the pipeline
+#   ./run.sh pipeline [--target S --force --profile P --set-param K=V --no-prefect|--stack]   set up, run it
 #   ./run.sh test [pytest args]          set up, then run the test suite
 #   ./run.sh profile [sample|book|smol]  show or switch the params profile (params.yaml)
 #   ./run.sh stack up|down|status|logs   the team stack: PostgreSQL, S3, MLflow and Prefect servers, workers

@@ -11,8 +11,8 @@ Single machine (the default: no Docker, no Kubernetes). In every shell, from the
     prefect deployment run 'gptlab-pipeline/gptlab-nightly'   # shell 3: a run now (or "Run" on its UI page)
 
 Options (same for ``serve`` and ``register``): ``--name gptlab-nightly --cron "0 3 * * *" --timezone UTC
---target STAGE --profile sample|book --set-param section.key=value`` (repeatable, as ``dvc exp run -S``), and
-``--api-url`` (default: ``PREFECT_API_URL``, else http://127.0.0.1:4200/api). ``serve --limit 1`` caps the flow
+--target STAGE --profile sample|book --set-param section.key=value`` (repeatable, as ``dvc exp run -S``),
+``--push REMOTE`` (``dvc push`` the outputs there after each run), and ``--api-url`` (default: ``PREFECT_API_URL``, else http://127.0.0.1:4200/api). ``serve --limit 1`` caps the flow
 runs this process executes at once. Stopping ``serve`` (Ctrl-C) pauses the schedule, so no runs pile up as
 "Late" while nothing executes them; starting it again resumes it.
 
@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from prefect.deployments.runner import RunnerDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             metavar="SECTION.KEY=VALUE",
             help="params.yaml override applied at each run (repeatable)",
         )
+        p.add_argument(
+            "--push",
+            default=None,
+            metavar="REMOTE",
+            help="dvc push the outputs to this DVC remote after each run",
+        )
         p.add_argument("--api-url", default=None, help="Prefect API (default: PREFECT_API_URL, else 4200)")
     return parser.parse_args(argv)
 
@@ -158,6 +166,7 @@ def flow_parameters(args: argparse.Namespace, root: Path = ROOT) -> dict[str, An
         "target": args.target if args.target is not None else defaults["target"],
         "profile": args.profile if args.profile is not None else defaults["profile"],
         "set_params": list(args.set_param) if args.set_param else defaults["set_params"],
+        "push": args.push if args.push is not None else defaults["push"],
     }
 
 
@@ -267,20 +276,25 @@ def check_pool(name: str) -> None:
         )
 
 
-def register(args: argparse.Namespace, api_url: str) -> int:
+def register_deployment(args: argparse.Namespace) -> UUID:
+    """The deployment for the process pool ``args.pool``, created or updated; its id."""
     from prefect import flow
 
     # from_source: the worker loads the flow from this checkout (a process pool on this machine).
     source_flow = flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINT)
-    deployment_id = source_flow.deploy(
+    return source_flow.deploy(
         args.name,
         work_pool_name=args.pool,
         build=False,  # no image: a process worker runs in this checkout's venv
         push=False,
-        print_next_steps=False,  # ours below name the worker command
+        print_next_steps=False,  # ours name the worker command
         ignore_warnings=True,  # Prefect's "try .serve() instead" hint: serve is the other subcommand
         **deployment_options(args),
     )
+
+
+def register(args: argparse.Namespace, api_url: str) -> int:
+    deployment_id = register_deployment(args)
     print(next_steps(api_url, args.name, deployment_id, f"a worker: prefect worker start --pool {args.pool}"))
     return 0
 

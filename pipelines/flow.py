@@ -11,13 +11,17 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from pipelines import report
@@ -31,12 +35,57 @@ CONSOLE: IO[str] | None = None
 """Where ``./run.sh pipeline`` shows progress (the terminal, while everything else goes to its log file)."""
 
 
+PROGRESS_LOGGER = "progress"
+"""Child of the run's Prefect logger carrying the progress lines: the UI shows them, and ``./run.sh pipeline
+--stack`` follows a run on a worker by reading them back from the API (:mod:`pipelines.stack_run`)."""
+
+
 def show(line: str) -> None:
-    """A progress line on the console, cut to the terminal's width."""
+    """A progress line on the console, cut to the terminal's width, and in the run's Prefect log."""
     if CONSOLE is not None:
         width = shutil.get_terminal_size((80, 24)).columns
         CONSOLE.write((line if len(line) <= width else line[: width - 1] + "…") + "\n")
         CONSOLE.flush()
+    with contextlib.suppress(MissingContextError):
+        get_run_logger().getChild(PROGRESS_LOGGER).info(line)
+
+
+def echo(line: str) -> None:
+    """A line of DVC's output on stdout: the log file locally, the worker's pipe on a worker. A worker that died
+    (``kill -9``) leaves a pipe nobody reads; the run is then orphaned (:func:`watch_worker`)."""
+    try:
+        print(line, end="", flush=True)
+    except BrokenPipeError:
+        orphaned()
+
+
+def orphaned() -> None:
+    """This flow run lost the worker that started it: stop writing to its pipe and end the run the way Prefect
+    ends a terminated one (SIGTERM → ``TerminationSignal`` → the run is marked Crashed), stopping the stage."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def watch_worker(interval: float = 1.0) -> None:
+    """On a worker (``PREFECT__FLOW_RUN_ID`` set), end this run when the worker process dies.
+
+    A process worker starts each flow run as its child in a new session, so ``kill -9`` of the worker leaves
+    the run going with nobody to report for it, and Prefect's server never hears that it ended (it would stay
+    Running). The watcher notices the parent change and ends the run as Crashed; the next run resumes from
+    the stage's checkpoints. Not for local runs: ``nohup ./run.sh pipeline &`` outlives its shell on purpose.
+    """
+    if not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        orphaned()
+
+    threading.Thread(target=watch, name="gptlab-worker-watch", daemon=True).start()
 
 
 def stage_env() -> dict[str, str]:
@@ -62,6 +111,7 @@ def run_stage(
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("running %s", " ".join(cmd[2:]))
+    # Its own session: a run that ends early (cancelled, its worker killed) stops DVC and the stage with it.
     proc = subprocess.Popen(
         cmd,
         cwd=root,
@@ -69,14 +119,22 @@ def run_stage(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        print(line, end="", flush=True)
-        if line.startswith(f"{stage}: "):  # the stage's own messages; DVC's and the libraries' go to the log
-            show("  " + line.rstrip())
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            echo(line)
+            if line.startswith(
+                f"{stage}: "
+            ):  # the stage's own messages; DVC's and the libraries' go to the log
+                show("  " + line.rstrip())
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    if proc.returncode != 0:
         # The stage's own one-line error says more than DVC's "failed to reproduce" wrapper.
         own = [ln for ln in lines if ln.startswith(f"{stage}: error:")]
         tail = next((ln for ln in reversed(lines) if ln.strip()), "no output")
@@ -112,6 +170,42 @@ def run_stage(
     return {"stage": stage, "ran": ran, "metrics": values}
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM to the stage's process group (DVC, the shell, the stage), SIGKILL after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def dvc_push(root: str, remote: str, targets: list[str]) -> str:
+    """``dvc push -r <remote> <targets>``; DVC's summary line. An object store that is down fails in one line
+    (``RuntimeError``) once DVC's own connection retries are spent (about 10 s)."""
+    cmd = [sys.executable, "-m", "dvc", "push", "-r", remote, *targets]
+    proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        echo(line + "\n")
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or ["no output"]
+        reason = errors[-1].removeprefix("ERROR: ").removeprefix("unexpected error - ")
+        raise RuntimeError(f"dvc push to remote {remote!r} failed: {reason}")
+    said = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+    return said[-1] if said else "done"
+
+
+@task(task_run_name="push to {remote}", retries=2, retry_delay_seconds=10)
+def push_outputs(root: str, remote: str, stages: list[str]) -> str:
+    """The stages' outputs to a DVC remote, so every worker and teammate shares them; retried twice, 10 s
+    apart, for an object store that is briefly down."""
+    summary = dvc_push(root, remote, stages)
+    show(f"  pushed to DVC remote {remote!r}: {summary}")
+    return summary
+
+
 @flow(name="gptlab-pipeline", log_prints=False)
 def pipeline(
     root: str = ".",
@@ -119,12 +213,16 @@ def pipeline(
     force: bool = False,
     profile: str | None = None,
     set_params: list[str] | None = None,
+    push: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the DVC pipeline stage by stage (all stages, or up to ``target``).
 
     ``profile`` first switches params.yaml to ``profiles/<profile>.yaml``; ``set_params`` then applies
     ``section.key=value`` overrides (as ``dvc exp run -S`` does), so a scheduled deployment can run variants.
+    ``push`` names a DVC remote the stages' outputs are pushed to once they all succeeded (the team stack's
+    ``stack``, docs/stack.md).
     """
+    watch_worker()
     root_path = Path(root).resolve()
     if profile is not None:
         activate(profile, root_path)
@@ -151,6 +249,8 @@ def pipeline(
                             stage["outs"],
                         )
                     )
+                if push:
+                    push_outputs(str(root_path), push, [stage["name"] for stage in stages])
             finally:
                 report_to_parent_run(root_path, parent, stages)
     return results

@@ -1,11 +1,11 @@
 """``./run.sh pipeline``: run the whole pipeline (or up to one stage) as a Prefect flow over DVC.
 
     python -m pipelines.run [--target STAGE] [--force] [--profile NAME] [--set-param SECTION.KEY=VALUE ...]
-                            [--no-prefect]
+                            [--no-prefect | --stack]
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the run; its database lives in
 ``.prefect/`` so ``PREFECT_HOME=.prefect prefect server start`` shows the runs afterwards. ``--no-prefect`` runs
-plain ``dvc repro`` instead.
+plain ``dvc repro`` instead; ``--stack`` runs it on the team stack's work pool (:mod:`pipelines.stack_run`).
 
 The terminal shows the stages' progress and their own messages; everything else (DVC's, Prefect's and MLflow's
 output, a stage's full log) goes to ``logs/pipeline-<run id>.log``, whose path is printed first, and again with a
@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rerun stages even if DVC says they are up to date"
     )
     parser.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`, no Prefect")
+    parser.add_argument(
+        "--stack",
+        action="store_true",
+        help="run on the team stack (./run.sh stack up): a worker runs it, its servers track it, "
+        "its DVC remote gets the outputs",
+    )
     parser.add_argument("--profile", default=None, help="switch params.yaml to profiles/<PROFILE>.yaml first")
     parser.add_argument(
         "--set-param",
@@ -83,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     from stages import run_context, tracking
 
     run_id = run_context.pipeline_run_id()  # minted once; the flow and every stage inherit it
+    if args.stack:
+        if args.no_prefect:
+            print("pipeline: error: --stack runs through Prefect; drop --no-prefect", file=sys.stderr)
+            return 2
+        from pipelines import stack_run
+
+        return stack_run.run(args.target, args.force, args.profile, args.set_param, run_id)
     if args.no_prefect:
         from pipelines.profile import activate, apply_overrides
 

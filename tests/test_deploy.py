@@ -70,6 +70,7 @@ def test_defaults_build_the_nightly_deployment() -> None:
         "force": False,
         "profile": None,
         "set_params": None,
+        "push": None,
     }
     assert dep.work_pool_name is None  # served: no pool, no worker
 
@@ -83,6 +84,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_options_reach_schedule_and_parameters(checkout: Path) -> None:
     argv = ["register", "--name", "n", "--cron", "*/5 * * * *", "--timezone", "Europe/Berlin"]
     argv += ["--target", "tokenize", "--profile", "book", "--set-param", "a.b=1", "--set-param", "c.d=x y"]
+    argv += ["--push", "stack"]
     args = deploy.parse_args(argv)
     assert args.pool == deploy.DEFAULT_POOL
     deploy.validate(args, checkout)
@@ -97,6 +99,7 @@ def test_options_reach_schedule_and_parameters(checkout: Path) -> None:
         "force": False,
         "profile": "book",
         "set_params": ["a.b=1", "c.d=x y"],
+        "push": "stack",
     }
     assert options["concurrency_limit"].limit == 1
 
@@ -236,6 +239,7 @@ def test_served_deployment_is_registered_with_schedule_parameters_and_limit(serv
             "force": False,
             "profile": None,
             "set_params": FAST,
+            "push": None,
         }
         assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
         assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE

@@ -1,27 +1,39 @@
 """The team stack (pipelines/stack.py) for real on 127.0.0.1: PostgreSQL, SeaweedFS's S3 gateway, the MLflow and
-Prefect servers and two workers come up from ``python -m pipelines.stack up`` in a clone, refuse requests
-without credentials, take a tracked run (its artifact lands in the S3 bucket) and a DVC push that a fresh clone
-pulls byte for byte, keep their data across ``down``/``up``, and leave no process behind."""
+Prefect servers and two workers come up from ``python -m pipelines.stack up`` in a clone and refuse requests
+without credentials; ``./run.sh pipeline --stack`` runs the pipeline up to pretraining as deployment runs on the
+workers — two at once queue, a worker killed mid-stage marks its run Crashed and the queued run resumes from the
+checkpoint while PostgreSQL restarts under it — logging to the tracking server (runs over its REST API,
+artifacts in the bucket) and pushing to the DVC remote, from which a fresh clone pulls byte-identical outputs
+that an uninterrupted run reproduces; a push while the object store is down fails in one line and succeeds once
+it is back; ``down`` leaves no process behind."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from clones import git, make_clone
+from clones import clean_env, git, make_clone, run, set_params
 
-pytestmark = pytest.mark.slow
+# One module, one stack: its tests run in order in one xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -45,7 +57,10 @@ def free_port(span: tuple[int, ...] = (0,)) -> int:
 
 
 def stack(clone: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m pipelines.stack ARGS`` in the clone. Torch single-threaded in the workers' runs: a threaded BLAS
+    may sum in another order in another process, and the test compares a resumed run's bytes with a fresh one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "pipelines.stack", *args],
         cwd=clone, env=env, capture_output=True, text=True, timeout=timeout,
@@ -111,9 +126,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(state, ignore_errors=True)
 
 
-def test_the_stack_comes_up_guarded_shares_runs_and_outputs_and_goes_down(
-    clone: Path, tmp_path: Path
-) -> None:
+def test_the_stack_comes_up_guarded_with_private_credentials(clone: Path) -> None:
     cfg = yaml.safe_load((clone / "stack.yaml").read_text())
     state = Path(cfg["state_dir"])
     first = stack(clone, "up")
@@ -140,38 +153,6 @@ def test_the_stack_comes_up_guarded_shares_runs_and_outputs_and_goes_down(
     assert request(f"{prefect}/flows/filter", data={}, headers=basic("admin:wrong"))[0] == 401
     assert request(f"{s3}/mlflow-artifacts")[0] == 403
 
-    # A tracked run through the tracking server; its artifact is proxied into the S3 bucket.
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
-        "MLFLOW_TRACKING_URI": mlflow,
-        "MLFLOW_TRACKING_USERNAME": creds["mlflow_user"],
-        "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"],
-    }
-    script = (
-        "import mlflow, pathlib, sys\n"
-        "mlflow.set_experiment('stack-test')\n"
-        "with mlflow.start_run() as run:\n"
-        "    mlflow.log_param('lr', 0.1); mlflow.log_metric('loss', 1.5)\n"
-        "    p = pathlib.Path(sys.argv[1]); p.write_text('hello stack'); mlflow.log_artifact(str(p))\n"
-        "print(run.info.run_id)\n"
-    )
-    logged = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "note.txt")], env=env, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert logged.returncode == 0, logged.stderr
-    run_id = logged.stdout.split()[-1]
-    auth = basic(f"{creds['mlflow_user']}:{creds['mlflow_password']}")
-    status_code, raw = request(f"{mlflow}/api/2.0/mlflow/runs/get?run_id={run_id}", headers=auth)
-    data = json.loads(raw)["run"]["data"]
-    assert status_code == 200 and data["params"] == [{"key": "lr", "value": "0.1"}]
-    assert data["metrics"][0]["key"] == "loss" and data["metrics"][0]["value"] == 1.5
-    from pipelines.stack import StackConfig, configure_dvc, s3_client
-
-    config = StackConfig.load(clone / "stack.yaml")
-    keys = [o["Key"] for o in s3_client(config, creds).list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
-    assert any(k.endswith(f"{run_id}/artifacts/note.txt") for k in keys), keys
-
     # Two workers poll the pool.
     status_code, raw = request(
         f"{prefect}/work_pools/{cfg['work_pool']}/workers/filter",
@@ -179,37 +160,211 @@ def test_the_stack_comes_up_guarded_shares_runs_and_outputs_and_goes_down(
         headers=basic(creds["prefect_auth"]),
     )
     assert status_code == 200 and sum(w["status"] == "ONLINE" for w in json.loads(raw)) == 2
+    # A run whose machine dies with its worker stops beating: the server's automation will mark it Crashed.
+    from pipelines.stack_services import ZOMBIE_AUTOMATION
 
-    # DVC's remote on the object store: pushed from one clone, pulled byte for byte into another.
-    project = tmp_path / "project"
-    project.mkdir()
-    git("init", "-q", "-b", "main", cwd=project)
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "init", "-q"], cwd=project, check=True)
-    payload = os.urandom(300_000)
-    (project / "weights.bin").write_bytes(payload)
-    subprocess.run([*dvc, "add", "-q", "weights.bin"], cwd=project, check=True)
-    git("add", "-A", cwd=project)
-    git("commit", "-qm", "data", cwd=project)
-    configure_dvc(config, creds, project)
-    pushed = subprocess.run([*dvc, "push", "-r", "stack"], cwd=project, capture_output=True, text=True)
-    assert pushed.returncode == 0, pushed.stderr
-    other = tmp_path / "other"
-    git("clone", "-q", str(project), str(other), cwd=tmp_path)
-    configure_dvc(config, creds, other)
-    pulled = subprocess.run([*dvc, "pull", "-r", "stack"], cwd=other, capture_output=True, text=True)
-    assert pulled.returncode == 0, pulled.stderr
-    assert (other / "weights.bin").read_bytes() == payload
-    assert (
-        "weights.bin"
-        not in subprocess.run([*dvc, "status"], cwd=other, capture_output=True, text=True).stdout
+    status_code, raw = request(f"{prefect}/automations/filter", data={}, headers=basic(creds["prefect_auth"]))
+    (zombies,) = [a for a in json.loads(raw) if a["name"] == ZOMBIE_AUTOMATION]
+    assert zombies["enabled"] and zombies["actions"][0]["state"] == "CRASHED"
+
+
+STACK_PARAMS = {
+    "pretrain": {
+        "model": "gpt-micro",
+        "model_overrides": {"n_layer": 2, "dropout": 0.1},
+        "context_length": 32,
+        "batch_size": 4,
+        "train": {
+            "max_steps": 60,
+            "warmup_steps": 4,
+            "eval_interval": 30,
+            "eval_batches": 2,
+            "checkpoint_interval": 10,
+            "log_interval": 10,
+        },
+        "sample_max_new_tokens": 4,
+    }
+}
+"""Small enough to be quick, long enough that a worker can be killed between pretraining's checkpoints."""
+UP_TO_PRETRAIN = ["download", "tokenize", "pretrain"]
+
+
+class Watched:
+    """A running process whose merged output is read line by line in the background."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float) -> str:
+        self.proc.wait(timeout)
+        self.thread.join(10)
+        return self.text
+
+
+def on_stack(clone: Path) -> Watched:
+    """``./run.sh pipeline --stack --target pretrain`` in the clone, started."""
+    proc = subprocess.Popen(
+        ["./run.sh", "pipeline", "--stack", "--target", "pretrain"],
+        cwd=clone, env=clean_env(clone), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return Watched(proc)
+
+
+def until(predicate, what: str, timeout: float = 300.0, every: float = 0.05):
+    """Poll until ``predicate()`` is truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_running(state: Path, module: str) -> int | None:
+    """The pid of the worker whose flow run is running ``python -m <module>``, if one is."""
+    import psutil
+
+    for pid_file in sorted((state / "pids").glob("worker-*.pid")):
+        with contextlib.suppress(ValueError, OSError, psutil.Error):
+            worker = psutil.Process(int(pid_file.read_text()))
+            for child in worker.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if module in " ".join(child.cmdline()):
+                        return worker.pid
+    return None
+
+
+def outputs_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file the stages up to pretrain write (outs, metrics, plots)."""
+    import yaml as _yaml
+
+    stages = _yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    rels = [
+        p
+        for s in UP_TO_PRETRAIN
+        for p in stages[s].get("outs", []) + stages[s].get("metrics", []) + stages[s].get("plots", [])
+    ]
+    files = [f for rel in rels for f in ([root / rel] if (root / rel).is_file() else (root / rel).rglob("*"))]
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()
+    }
+
+
+def test_pipeline_runs_on_a_worker_through_faults_and_pulls_identically(clone: Path, tmp_path: Path) -> None:
+    from pipelines.flow import dvc_push
+    from pipelines.stack import configure_dvc, reachable
+    from pipelines.stack_config import StackConfig
+    from pipelines.stack_services import postgres_down, s3_client
+
+    cfg = StackConfig.load(clone / "stack.yaml")
+    state = cfg.state_dir
+    creds = json.loads((state / "secrets.json").read_text())
+    set_params(clone, STACK_PARAMS)
+    git("commit", "-qam", "stack params", cwd=clone)
+
+    # Two runs at once: whichever worker polls first, the deployment's concurrency limit queues one behind the
+    # other instead of interleaving them in one workspace.
+    runs = [on_stack(clone), on_stack(clone)]
+    until(lambda: any((clone / "work" / "pretrain").glob("[!.]*")), "pretrain's first checkpoint")
+    # kill -9 the worker of the active run, mid-stage: that run is marked Crashed, its stage stopped.
+    victim = until(lambda: worker_running(state, "stages.pretrain"), "the worker running pretrain")
+    os.kill(victim, signal.SIGKILL)
+    crashed = until(lambda: next((r for r in runs if r.proc.poll() is not None), None), "the crash", 120)
+    survivor = next(r for r in runs if r is not crashed)
+    out = crashed.wait(10)
+    assert crashed.proc.returncode == 2 and "pipeline: error: the run ended Crashed" in out, out
+
+    # The queued run now takes the slot on the other worker and resumes pretraining from its checkpoint;
+    # PostgreSQL (Prefect's and MLflow's database) stops under it and comes back (with the killed worker).
+    until(lambda: "pretrain: resuming from" in survivor.text, "the queued run resuming pretrain", 180)
+    postgres_down(cfg)
+    time.sleep(8)
+    restarted = stack(clone, "up")
+    assert restarted.returncode == 0 and healthy(restarted.stdout) == 5, restarted.stdout + restarted.stderr
+    out = survivor.wait(300)
+    assert survivor.proc.returncode == 0, out
+    assert "waiting for a worker behind the deployment's active run" in out, out
+    assert "pushed to DVC remote 'stack'" in out and "completed on the stack" in out, out
+    run_ids = [re.search(r"pipeline (\S+) on the stack", r.text).group(1) for r in (crashed, survivor)]
+
+    # Prefect: one Crashed, one Completed, and the second started only after the first ended.
+    auth = basic(creds["prefect_auth"])
+    code, raw = request(
+        f"{cfg.prefect_url}/flow_runs/filter", data={"flow_runs": {"name": {"any_": run_ids}}}, headers=auth
     )
+    by_name = {r["name"]: r for r in json.loads(raw)}
+    first, second = (by_name[i] for i in run_ids)
+    assert (first["state_type"], second["state_type"]) == ("CRASHED", "COMPLETED")
+    assert datetime.fromisoformat(second["start_time"]) >= datetime.fromisoformat(first["end_time"])
 
-    # Down leaves nothing running; up again finds the same data.
+    # MLflow, over its REST API: the run's stage run with the stage's metrics; its artifacts are in the bucket.
+    mlflow_auth = basic(f"{creds['mlflow_user']}:{creds['mlflow_password']}")
+    code, raw = request(f"{cfg.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=gptlab",
+                        headers=mlflow_auth)  # fmt: skip
+    assert code == 200, raw
+    search = {
+        "experiment_ids": [json.loads(raw)["experiment"]["experiment_id"]],
+        "filter": f"tags.`gptlab.pipeline_run_id` = '{run_ids[1]}' and tags.`gptlab.stage` = 'pretrain'",
+    }
+    code, raw = request(f"{cfg.mlflow_url}/api/2.0/mlflow/runs/search", data=search, headers=mlflow_auth)
+    (pretrain_run,) = json.loads(raw)["runs"]
+    # The crashed run's stage runs, logged before PostgreSQL's restart, are still there.
+    before = {**search, "filter": f"tags.`gptlab.pipeline_run_id` = '{run_ids[0]}'"}
+    code, raw = request(f"{cfg.mlflow_url}/api/2.0/mlflow/runs/search", data=before, headers=mlflow_auth)
+    assert {"download", "tokenize"} <= {
+        t["value"] for r in json.loads(raw)["runs"] for t in r["data"]["tags"] if t["key"] == "gptlab.stage"
+    }
+    assert pretrain_run["info"]["status"] == "FINISHED"
+    logged = {m["key"]: m["value"] for m in pretrain_run["data"]["metrics"]}
+    written = json.loads((clone / "metrics" / "pretrain.json").read_text())
+    shared = [k for k, v in written.items() if isinstance(v, float) and k in logged]
+    assert shared and all(logged[k] == pytest.approx(written[k]) for k in shared), (logged, written)
+    mlflow_run_id = pretrain_run["info"]["run_id"]
+    code, raw = request(f"{cfg.mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={mlflow_run_id}",
+                        headers=mlflow_auth)  # fmt: skip
+    assert code == 200 and json.loads(raw).get("files"), raw
+    keys = [o["Key"] for o in s3_client(cfg, creds).list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
+    assert any(f"/{mlflow_run_id}/artifacts/" in k for k in keys), keys
+
+    # A fresh clone pulls byte-identical outputs from the stack's remote, and DVC finds them up to date ...
+    git("add", "dvc.lock", cwd=clone)
+    git("commit", "-qm", "outputs of the run on the stack", cwd=clone)
+    other = tmp_path / "other"
+    git("clone", "-q", str(clone), str(other), cwd=tmp_path)
+    configure_dvc(cfg, creds, other)
+    dvc = [sys.executable, "-m", "dvc"]
+    env = clean_env(other, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run([*dvc, "pull", "-r", "stack", "--with-deps", "pretrain"], other, env)
+    pulled = outputs_digest(other)
+    assert pulled == outputs_digest(clone) and len(pulled) > 5
+    status = run([*dvc, "status", "--with-deps", "pretrain"], other, env).stdout
+    assert "Data and pipelines are up to date" in status, status
+    # ... and they are what an uninterrupted run makes: the crash and the outage changed nothing.
+    run([*dvc, "repro", "--force", "--single-item", "pretrain"], other, env)
+    fresh = outputs_digest(other)
+    assert fresh == pulled, {k: (v, fresh.get(k)) for k, v in pulled.items() if fresh.get(k) != v}
+
+    # The object store down during a push: one clear line; once it is back, the push succeeds.
+    os.killpg(int((state / "pids" / "s3.pid").read_text()), signal.SIGKILL)
+    until(lambda: not reachable(cfg)[2][2], "the object store to go", 10)
+    with pytest.raises(
+        RuntimeError, match=r"dvc push to remote 'stack' failed: Could not connect to the endpoint"
+    ):
+        dvc_push(str(other), "stack", UP_TO_PRETRAIN)
+    assert stack(clone, "up").returncode == 0
+    assert dvc_push(str(other), "stack", UP_TO_PRETRAIN)
+    assert not [p for p in processes_of(clone) if "stages." in p]  # no stage left running from the killed run
+
+
+def test_down_leaves_nothing_running(clone: Path) -> None:
+    state = Path(yaml.safe_load((clone / "stack.yaml").read_text())["state_dir"])
     down = stack(clone, "down")
     assert down.returncode == 0 and processes_of(state) == []
     assert stack(clone, "status").returncode == 1
-    assert stack(clone, "up").returncode == 0
-    status_code, raw = request(f"{mlflow}/api/2.0/mlflow/runs/get?run_id={run_id}", headers=auth)
-    assert status_code == 200 and json.loads(raw)["run"]["info"]["run_id"] == run_id
-    assert stack(clone, "down").returncode == 0 and processes_of(state) == []
