@@ -126,9 +126,8 @@ def run_stage(
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             echo(line)
-            if line.startswith(
-                f"{stage}: "
-            ):  # the stage's own messages; DVC's and the libraries' go to the log
+            # The stage's own messages are progress; DVC's and the libraries' go to the log only.
+            if line.startswith(f"{stage}: "):
                 show("  " + line.rstrip())
         proc.wait()
     finally:

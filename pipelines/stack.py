@@ -12,7 +12,7 @@ into ``<state_dir>/secrets.json`` (mode 0600) and never printed. Data lives unde
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 import time
 from base64 import b64encode
@@ -30,7 +30,6 @@ from pipelines.stack_services import (
     prefect_up,
     s3_up,
     stop,
-    venv_bin,
     wait_healthy,
     workers_up,
     zombie_automation,
@@ -68,20 +67,22 @@ def reachable(cfg: StackConfig) -> list[tuple[str, str, bool]]:
 
 def configure_dvc(cfg: StackConfig, creds: dict[str, str], repo: Path = ROOT) -> None:
     """The DVC remote ``stack`` on the object store, credentials in ``.dvc/config.local`` (not in git)."""
-    dvc = [venv_bin("dvc"), "remote"]
-    settings = [
-        ["add", "--local", "--force", "stack", cfg.dvc_remote],
-        ["modify", "--local", "stack", "endpointurl", cfg.s3_url],
-        ["modify", "--local", "stack", "access_key_id", creds["s3_access_key"]],
-        ["modify", "--local", "stack", "secret_access_key", creds["s3_secret_key"]],
-    ]
-    for args in settings:
-        proc = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
-        if proc.returncode:
-            raise StackError(f"dvc remote {args[0]} failed: {proc.stderr.strip()}")
-    local = repo / ".dvc" / "config.local"
-    if local.exists():
-        local.chmod(0o600)
+    from dvc.config import Config, ConfigError
+
+    local_file = repo / ".dvc" / "config.local"
+    if not local_file.exists():  # private before the keys go in
+        os.close(os.open(local_file, os.O_WRONLY | os.O_CREAT, 0o600))
+    try:
+        with Config(dvc_dir=str(repo / ".dvc")).edit("local") as local:
+            local["remote"]["stack"] = {
+                "url": cfg.dvc_remote,
+                "endpointurl": cfg.s3_url,
+                "access_key_id": creds["s3_access_key"],
+                "secret_access_key": creds["s3_secret_key"],
+            }
+    except ConfigError as exc:
+        raise StackError(f"{repo / '.dvc'}: configuring the DVC remote failed: {exc}") from None
+    local_file.chmod(0o600)
 
 
 def up(cfg: StackConfig, repo: Path = ROOT) -> float | None:

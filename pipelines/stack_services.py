@@ -368,7 +368,7 @@ def prefect_up(cfg: StackConfig, creds: dict[str, str]) -> None:
         "PREFECT_SERVER_API_AUTH_STRING": creds["prefect_auth"],
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # A run queued behind the deployment's active one re-checks for its slot this often (default 30 s).
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "10",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
         "PREFECT_API_URL": cfg.prefect_url,
     }
     port = str(cfg.port(cfg.prefect_url))
@@ -381,6 +381,18 @@ def prefect_up(cfg: StackConfig, creds: dict[str, str]) -> None:
     )
 
 
+def prefect_api(cfg: StackConfig, creds: dict[str, str], path: str, body: dict | None = None) -> object:
+    """One request to the stack's Prefect API (POST with ``body``, else GET); its JSON. HTTPError on 4xx/5xx."""
+    headers = {
+        "Authorization": "Basic " + b64encode(creds["prefect_auth"].encode()).decode(),
+        "Content-Type": "application/json",
+    }
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{cfg.prefect_url}{path}", data=data, headers=headers)
+    with NO_PROXY.open(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
 HEARTBEAT_SECONDS = 30
 """How often a flow run on the stack's workers tells the server it is alive (Prefect's minimum)."""
 ZOMBIE_AUTOMATION = "gptlab: crash runs that stopped beating"
@@ -391,17 +403,9 @@ def zombie_automation(cfg: StackConfig, creds: dict[str, str]) -> None:
     three periods (its machine died with its worker, so nobody reports it) is marked Crashed, which frees the
     deployment's concurrency slot for the queued runs. (A run whose worker alone dies notices it itself:
     :func:`pipelines.flow.watch_worker`.)"""
-    headers = {
-        "Authorization": "Basic " + b64encode(creds["prefect_auth"].encode()).decode(),
-        "Content-Type": "application/json",
-    }
 
     def post(path: str, body: dict) -> object:
-        req = urllib.request.Request(
-            f"{cfg.prefect_url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        with NO_PROXY.open(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
+        return prefect_api(cfg, creds, path, body)
 
     ends = ["Completed", "Failed", "Cancelled", "Crashed"]
     try:
@@ -445,10 +449,17 @@ def workers_up(cfg: StackConfig, creds: dict[str, str]) -> None:
         # Their flow runs' heartbeats, which the zombie automation watches (Prefect's default, 180 s, is longer
         # than the automation's window: healthy runs would be crashed).
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+        "PREFECT_WORKER_QUERY_SECONDS": "5",  # a new run starts within 5 s (default 10)
     }
     prefect = venv_bin("prefect")
-    pool = [prefect, "work-pool", "inspect", cfg.work_pool]
-    if subprocess.run(pool, env=env, capture_output=True, cwd=ROOT).returncode != 0:
+    try:
+        prefect_api(cfg, creds, f"/work_pools/{cfg.work_pool}")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise StackError(
+                f"the Prefect server: reading work pool {cfg.work_pool!r} failed: {exc}"
+            ) from None
+        # The CLI fills in the process worker's default job template.
         create = [prefect, "work-pool", "create", cfg.work_pool, "--type", "process"]
         _checked_env(create, env, f"creating work pool {cfg.work_pool!r}", cfg.logs / "workers.log")
     for i in range(1, cfg.workers + 1):

@@ -17,7 +17,7 @@ from clones import TINY_PARAMS as TINY
 from clones import clean_env, make_clone, run, set_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
-UPSTREAM = ["download", "tokenize", "pretrain", "base_model"]
+UPSTREAM = ["download", "tokenize", "pretrain"]
 
 
 def _free_port() -> int:
@@ -95,11 +95,9 @@ def clone(tmp_path_factory) -> Path:
 def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, prefect_server: str, clone: Path) -> None:
     # The session's Prefect server records the flows (a temporary one per run would cost ~30 s each to start).
     env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server)
-    run(["./run.sh", "pipeline", "--target", "base_model"], clone, env)
+    run(["./run.sh", "pipeline", "--target", "pretrain"], clone, env)
     run(
-        ["./run.sh", "pipeline", "--target", "base_model", "--set-param", "pretrain.train.lr=0.002"],
-        clone,
-        env,
+        ["./run.sh", "pipeline", "--target", "pretrain", "--set-param", "pretrain.train.lr=0.002"], clone, env
     )
     run(["git", "checkout", "params.yaml"], clone, env)
 
@@ -119,7 +117,7 @@ def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, prefect_serve
         assert _tags(parent)["prefect.flow_run_id"]
     first, second = sorted(children.values(), key=len, reverse=True)
     assert sorted(first) == sorted(UPSTREAM)  # everything ran the first time
-    assert sorted(second) == ["base_model", "pretrain"]  # only what the lr change invalidates
+    assert sorted(second) == ["pretrain"]  # only what the lr change invalidates
     assert (
         _params(first["pretrain"])["train.lr"] == "0.001"
         and _params(second["pretrain"])["train.lr"] == "0.002"

@@ -1,7 +1,7 @@
 """Fault suite: ``kill -9`` at the moments that matter, then rerun, as an unlucky user would.
 
-Pretraining killed at each kind of moment (during start-up, mid-step between checkpoints, while a checkpoint is
-being written, during the final write into ``models/pretrain``) reruns to byte-identical weights and metrics,
+Pretraining killed at each kind of moment that leaves something behind (mid-step between checkpoints, while a
+checkpoint is being written, during the final write into ``models/pretrain``) reruns to byte-identical weights and metrics,
 resuming from its last checkpoint where it had one; a download killed mid-transfer resumes from
 its partial file; and after each successful rerun no temp directory is left under ``data/``, ``models/`` or
 ``work/``. Interrupted runs whose params were changed back (so DVC's run cache serves the rerun) leave no work
@@ -132,11 +132,6 @@ def checkpoints_seen(work: Path):
 def kill_points(root: Path) -> list[tuple[str, object, bool]]:
     """(moment, predicate that says it has come, whether the rerun resumes from a checkpoint)."""
     work, models = root / "work" / "pretrain", root / "models"
-    started = time.monotonic
-
-    def after(seconds: float):
-        t0 = started()
-        return lambda: started() - t0 >= seconds
 
     def mid_step():
         count = checkpoints_seen(work)
@@ -147,7 +142,6 @@ def kill_points(root: Path) -> list[tuple[str, object, bool]]:
         return lambda: count() >= 1 and any(work.glob(".*.tmp"))  # a later save's temp directory exists
 
     return [
-        ("start-up", lambda: after(0.5), False),  # still importing: nothing written yet
         ("mid-step", mid_step, True),
         ("mid-checkpoint-write", mid_checkpoint_write, True),
         ("final write", lambda: lambda: any(models.glob(".pretrain.*.tmp")), True),
