@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import time
-from base64 import b64encode
 from pathlib import Path
 
 from pipelines.stack_config import ROOT, SERVICES, StackConfig, StackError, load_secrets
@@ -31,6 +30,7 @@ from pipelines.stack_services import (
     s3_up,
     stop,
     wait_healthy,
+    workers_online,
     workers_up,
     zombie_automation,
 )
@@ -38,15 +38,25 @@ from pipelines.stack_services import (
 # --- the commands ------------------------------------------------------------------------------------------
 
 
-def health(cfg: StackConfig, creds: dict[str, str]) -> dict[str, tuple[bool, str]]:
+def reachable(cfg: StackConfig) -> list[tuple[str, str, bool]]:
+    """What a client of the stack talks to (tracking server, Prefect API, object store): name, URL, answering.
+    Their health endpoints need no credentials."""
+    return [
+        ("mlflow", cfg.mlflow_url, http_ok(f"{cfg.mlflow_url}/health")),
+        ("prefect", cfg.prefect_url, http_ok(f"{cfg.prefect_url}/health")),
+        ("s3", cfg.s3_url, http_ok(f"{cfg.s3_url}/healthz")),
+    ]
+
+
+def health(cfg: StackConfig) -> dict[str, tuple[bool, str]]:
     """Each service: (healthy, URL)."""
-    basic = "Basic " + b64encode(creds["prefect_auth"].encode()).decode()
+    answers = {name: (ok, url) for name, url, ok in reachable(cfg)}
     workers = [pid_of(cfg, f"worker-{i}") is not None for i in range(1, cfg.workers + 1)]
     return {
         "postgres": (postgres_running(cfg), cfg.postgres_url),
-        "s3": (http_ok(f"{cfg.s3_url}/healthz"), cfg.s3_url),
-        "mlflow": (http_ok(f"{cfg.mlflow_url}/health"), cfg.mlflow_url),
-        "prefect": (http_ok(f"{cfg.prefect_url}/health", {"Authorization": basic}), cfg.prefect_url),
+        "s3": answers["s3"],
+        "mlflow": answers["mlflow"],
+        "prefect": answers["prefect"],
         "workers": (
             (bool(workers) and all(workers)) if cfg.starts("workers") else True,
             f"{sum(workers)}/{cfg.workers} polling {cfg.work_pool!r}"
@@ -54,15 +64,6 @@ def health(cfg: StackConfig, creds: dict[str, str]) -> dict[str, tuple[bool, str
             else "none started here",
         ),
     }
-
-
-def reachable(cfg: StackConfig) -> list[tuple[str, str, bool]]:
-    """What a client of the stack talks to (tracking server, Prefect API, object store): name, URL, answering."""
-    return [
-        ("mlflow", cfg.mlflow_url, http_ok(f"{cfg.mlflow_url}/health")),
-        ("prefect", cfg.prefect_url, http_ok(f"{cfg.prefect_url}/health")),
-        ("s3", cfg.s3_url, http_ok(f"{cfg.s3_url}/healthz")),
-    ]
 
 
 def configure_dvc(cfg: StackConfig, creds: dict[str, str], repo: Path = ROOT) -> None:
@@ -89,7 +90,7 @@ def up(cfg: StackConfig, repo: Path = ROOT) -> float | None:
     """Start whatever is not running; the seconds it took, None when all was running. StackError on a failure."""
     t0 = time.monotonic()
     creds = load_secrets(cfg)
-    running = [name for name, (ok, _) in health(cfg, creds).items() if ok]
+    running = [name for name, (ok, _) in health(cfg).items() if ok]
     if len(running) == len(SERVICES):
         return None
     cfg.logs.mkdir(parents=True, exist_ok=True)
@@ -112,11 +113,16 @@ def up(cfg: StackConfig, repo: Path = ROOT) -> float | None:
         prefect_up(cfg, creds)
     wait_healthy(cfg, "s3", "SeaweedFS (S3)", lambda: http_ok(f"{cfg.s3_url}/healthz"), 90)
     make_buckets(cfg, creds)
-    wait_healthy(cfg, "prefect", "the Prefect server", lambda: health(cfg, creds)["prefect"][0], 180)
+    wait_healthy(cfg, "prefect", "the Prefect server", lambda: http_ok(f"{cfg.prefect_url}/health"), 180)
     zombie_automation(cfg, creds)
     workers_up(cfg, creds)
     wait_healthy(cfg, "mlflow", "the MLflow server", lambda: http_ok(f"{cfg.mlflow_url}/health"), 180)
     configure_dvc(cfg, creds, repo)
+    if cfg.starts("workers"):  # up means polling: a worker is ONLINE once its first poll reached the server
+        wait_healthy(
+            cfg, "worker-1", f"the workers of pool {cfg.work_pool!r}",
+            lambda: workers_online(cfg, creds) == cfg.workers, 60,
+        )  # fmt: skip
     return time.monotonic() - t0
 
 
@@ -165,7 +171,7 @@ def _print_status(cfg: StackConfig) -> bool:
     if not (cfg.state_dir / "secrets.json").exists():
         print(f"stack: never started here ({cfg.state_dir} holds nothing): ./run.sh stack up")
         return False
-    states = health(cfg, load_secrets(cfg))
+    states = health(cfg)
     for name, (ok, url) in states.items():
         print(f"  {name:<9} {'up' if ok else 'down':<5} {url}")
     return all(ok for ok, _ in states.values())

@@ -93,14 +93,17 @@ def wait_healthy(cfg: StackConfig, name: str, what: str, ready, timeout: float) 
     log = cfg.logs / f"{name}.log"
     deadline = time.monotonic() + timeout
     while not ready():
-        if cfg.starts(name) and pid_of(cfg, name) is None:
+        service = name.split("-")[0] + "s" if name.startswith("worker-") else name
+        if cfg.starts(service) and pid_of(cfg, name) is None:
             lines = (
                 [s for s in log.read_text(errors="replace").splitlines() if s.strip()] if log.exists() else []
             )
             last = lines[-1].strip() if lines else "(no output)"
             raise StackError(f"{what} exited while starting: {last} (see {log})")
         if time.monotonic() > deadline:
-            where = f"see {log}" if cfg.starts(name) else "stack.yaml's start: leaves it to another machine"
+            where = (
+                f"see {log}" if cfg.starts(service) else "stack.yaml's start: leaves it to another machine"
+            )
             raise StackError(f"{what} did not become healthy within {timeout:.0f} s; {where}")
         time.sleep(0.3)
 
@@ -233,8 +236,9 @@ def postgres_running(cfg: StackConfig) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def _checked(cmd: list[str], what: str, log: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _checked(cmd: list[str], what: str, log: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``; a StackError with its last line of output when it fails."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise StackError(f"{what} failed: {last[0]} (see {log})")
@@ -441,6 +445,20 @@ def zombie_automation(cfg: StackConfig, creds: dict[str, str]) -> None:
         raise StackError(f"the Prefect server: creating the zombie-run automation failed: {exc}") from None
 
 
+def worker_name(i: int) -> str:
+    return f"{os.uname().nodename}-{i}"
+
+
+def workers_online(cfg: StackConfig, creds: dict[str, str]) -> int:
+    """How many of this machine's workers the Prefect server sees polling the pool."""
+    names = {worker_name(i) for i in range(1, cfg.workers + 1)}
+    try:
+        workers = prefect_api(cfg, creds, f"/work_pools/{cfg.work_pool}/workers/filter", {})
+    except (OSError, ValueError):
+        return 0
+    return sum(w["name"] in names and w["status"] == "ONLINE" for w in workers)
+
+
 def workers_up(cfg: StackConfig, creds: dict[str, str]) -> None:
     env = {
         **os.environ,
@@ -461,17 +479,10 @@ def workers_up(cfg: StackConfig, creds: dict[str, str]) -> None:
             ) from None
         # The CLI fills in the process worker's default job template.
         create = [prefect, "work-pool", "create", cfg.work_pool, "--type", "process"]
-        _checked_env(create, env, f"creating work pool {cfg.work_pool!r}", cfg.logs / "workers.log")
+        _checked(create, f"creating work pool {cfg.work_pool!r}", cfg.logs / "workers.log", env)
     for i in range(1, cfg.workers + 1):
         name = f"worker-{i}"
         if cfg.starts("workers") and pid_of(cfg, name) is None:
             cmd = [prefect, "worker", "start", "--pool", cfg.work_pool, "--type", "process",
-                   "--name", f"{os.uname().nodename}-{i}", "--limit", "1"]  # fmt: skip
+                   "--name", worker_name(i), "--limit", "1"]  # fmt: skip
             _spawn(cfg, name, cmd, env, cwd=ROOT)
-
-
-def _checked_env(cmd: list[str], env: dict[str, str], what: str, log: Path) -> None:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise StackError(f"{what} failed: {last[0]}")

@@ -40,6 +40,26 @@ TINY_PARAMS = {
     "dpo": {"train": FEW_STEPS, "max_new_tokens": 2},
 }
 
+TINY_PRETRAIN = {
+    "pretrain": {
+        "model": "gpt-micro",
+        "model_overrides": {"n_layer": 2, "dropout": 0.1},
+        "context_length": 32,
+        "batch_size": 4,
+        "train": {
+            "max_steps": 24,
+            "warmup_steps": 4,
+            "eval_interval": 12,
+            "eval_batches": 2,
+            "checkpoint_interval": 3,
+            "log_interval": 5,
+        },
+        "sample_max_new_tokens": 4,
+    }
+}
+"""Pretraining in seconds: a 2-layer micro GPT on the sample corpus, checkpointing often (the fault tests kill it
+between checkpoints)."""
+
 
 def git(*args: str, cwd: Path) -> str:
     out = subprocess.run(

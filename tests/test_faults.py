@@ -24,27 +24,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clones import clean_env, make_clone, run, set_params
+from clones import TINY_PRETRAIN, clean_env, make_clone, run, set_params
 from datasets_server import serve
 
 pytestmark = pytest.mark.slow
-TINY_PRETRAIN = {
-    "pretrain": {
-        "model": "gpt-micro",
-        "model_overrides": {"n_layer": 2, "dropout": 0.1},
-        "context_length": 32,
-        "batch_size": 4,
-        "train": {
-            "max_steps": 24,
-            "warmup_steps": 4,
-            "eval_interval": 12,
-            "eval_batches": 2,
-            "checkpoint_interval": 3,
-            "log_interval": 5,
-        },
-        "sample_max_new_tokens": 4,
-    }
-}
 PRETRAIN = [
     *["python", "-m", "stages.pretrain", "--tokens", "data/tokens", "--model", "models/pretrain"],
     *["--metrics", "metrics/pretrain.json", "--loss-csv", "plots/pretrain/loss.csv"],

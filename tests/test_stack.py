@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clones import clean_env, git, make_clone, run, set_params
+from clones import TINY_PRETRAIN, clean_env, git, make_clone, run, set_params
 
 # One module, one stack: its tests run in order in one xdist worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
@@ -200,19 +200,14 @@ def test_the_stack_comes_up_guarded_with_private_credentials(clone: Path) -> Non
 
 STACK_PARAMS = {
     "pretrain": {
-        "model": "gpt-micro",
-        "model_overrides": {"n_layer": 2, "dropout": 0.1},
-        "context_length": 32,
-        "batch_size": 4,
+        **TINY_PRETRAIN["pretrain"],
         "train": {
+            **TINY_PRETRAIN["pretrain"]["train"],
             "max_steps": 60,
-            "warmup_steps": 4,
             "eval_interval": 30,
-            "eval_batches": 2,
             "checkpoint_interval": 10,
             "log_interval": 10,
         },
-        "sample_max_new_tokens": 4,
     }
 }
 """Small enough to be quick, long enough that a worker can be killed between pretraining's checkpoints."""

@@ -64,5 +64,5 @@ def test_status_of_a_stack_that_is_not_running(tmp_path: Path) -> None:
                                    ("prefect", "http", "/api"))
     }  # fmt: skip
     cfg = StackConfig.load(write(tmp_path, state_dir=str(tmp_path / "state"), **closed))
-    states = health(cfg, {"prefect_auth": "admin:x"})
+    states = health(cfg)
     assert set(states) == set(SERVICES) and not any(ok for ok, _ in states.values())
