@@ -1,9 +1,10 @@
-"""Stage ``classify``: finetune the base model into a spam classifier (book ch. 6).
+"""Stage ``classify``: finetune the base model into a spam classifier (book ch. 6), or, with ``dataset: imdb``,
+a movie-review sentiment classifier (the chapter's bonus experiment on the 50k IMDB reviews).
 
 Balance ham/spam by undersampling, split 70/10/20, pad with ``<|endoftext|>``, swap the LM head for a 2-class
 head and train the chosen part (``head``, ``last_block`` — the book's default —, ``all`` or ``lora``). Logs
 loss/accuracy curves, writes a confusion matrix (PNG + JSON) and per-class precision/recall/F1, and registers
-the model as ``gptlab-spam-classifier``.
+the model as ``gptlab-spam-classifier`` (``gptlab-imdb-classifier``).
 """
 
 from __future__ import annotations
@@ -38,23 +39,46 @@ from gptlab.fileio import read_utf8
 from gptlab.load import load_checkpoint, load_tokenizer
 from gptlab.tokenizer import GPT2Tokenizer
 from gptlab.train import train
+from stages import aclimdb
 from stages.adapters import LoraParams, add_adapters, finish_adapters
 from stages.entry import stage_log, stage_main
 from stages.finetune import FinetuneParams, FinetuneResult, FinetuneStage, Outputs, run
 from stages.params import check_choice, load_section
 
-LABELS = ("ham", "spam")
-STAGE = FinetuneStage(
-    "classify",
-    registered_name="gptlab-spam-classifier",
-    curves=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),
-    title="spam classifier",
-    ylabel="loss / accuracy",
-)
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled text set the stage can train on: its class names (in class-index order) and how it is read."""
+
+    labels: tuple[str, ...]
+    registered_name: str
+    title: str
+    quoted: bool = False
+    """Always read with CSV quote rules (the file is written with them)."""
+
+
+DATASETS = {
+    "sms_spam": Dataset(("ham", "spam"), "gptlab-spam-classifier", "spam classifier"),
+    "imdb": Dataset(aclimdb.LABELS, "gptlab-imdb-classifier", "IMDB sentiment classifier", quoted=True),
+}
+
+
+def stage_for(dataset: str) -> FinetuneStage:
+    spec = DATASETS[dataset]
+    return FinetuneStage(
+        "classify",
+        registered_name=spec.registered_name,
+        curves=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),
+        title=spec.title,
+        ylabel="loss / accuracy",
+    )
 
 
 @dataclass
 class ClassifyParams(FinetuneParams):
+    dataset: str = "sms_spam"
+    """``sms_spam`` (ch. 6: ``data/raw/sms_spam.tsv``) or ``imdb`` (the bonus: ``data/raw/imdb.tsv``, made by a
+    download source with ``layout: aclimdb``); dvc.yaml reads ``data/raw/<dataset>.tsv``."""
     max_length: int | None = None
     """Pad/truncate to this many tokens; None = the longest training message (capped at the context)."""
     csv_quoting: bool = False
@@ -73,6 +97,11 @@ class ClassifyParams(FinetuneParams):
         super().__post_init__()
         check_choice("head_init", self.head_init, HEAD_INITS)
         check_choice("trainable", self.trainable, TRAINABLE)
+        check_choice("dataset", self.dataset, tuple(DATASETS))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return DATASETS[self.dataset].labels
 
 
 def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_length: int, tokenizer=None):
@@ -80,7 +109,8 @@ def prepare_splits(text: str, params: ClassifyParams, *, source: str, context_le
     ({split: (ids, labels)}, max_length)."""
     tokenizer = tokenizer or GPT2Tokenizer()
     encode, pad_id = tokenizer.encode, tokenizer.pad_id
-    examples = parse_labeled_tsv(text, labels=LABELS, source=source, quoting=params.csv_quoting)
+    quoting = params.csv_quoting or DATASETS[params.dataset].quoted
+    examples = parse_labeled_tsv(text, labels=params.labels, source=source, quoting=quoting)
     if params.balance:
         examples = balance(examples, seed=params.train.seed)
     splits = split(examples, seed=params.train.seed)._asdict()
@@ -111,7 +141,7 @@ def build_model(base: Path, params: ClassifyParams, device: str):
 
 
 def _trainable_classifier(model, params: ClassifyParams):
-    model = to_classifier(model, len(LABELS), head_init=params.head_init)
+    model = to_classifier(model, len(params.labels), head_init=params.head_init)
     if params.trainable == "lora":
         add_adapters(model, params.lora, also=() if "lm_head" in params.lora.targets else ("lm_head",))
     else:
@@ -120,7 +150,7 @@ def _trainable_classifier(model, params: ClassifyParams):
 
 
 def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, callback=None) -> FinetuneResult:
-    """Train the spam classifier from the ``base`` checkpoint on the ``data`` TSV; no files written. The result
+    """Train the classifier from the ``base`` checkpoint on the ``data`` TSV; no files written. The result
     holds the test split's confusion matrix (``confusion``) and the checkpoint metadata: labels, max_length,
     LoRA settings."""
     model = build_model(base, params, device)
@@ -156,13 +186,13 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
     )
     adapters = finish_adapters(model, params.lora)
     ids, labels = splits["test"]
-    cm = confusion_matrix(labels, predict(model, ids).argmax(-1), len(LABELS))
-    report = classification_report(cm, LABELS)
+    cm = confusion_matrix(labels, predict(model, ids).argmax(-1), len(params.labels))
+    report = classification_report(cm, params.labels)
     metrics = {
         "train_accuracy": accuracy(model, splits["train"]),
         "val_accuracy": accuracy(model, splits["val"]),
         "test_accuracy": report["accuracy"],
-        "test_majority_baseline": majority_baseline(labels, len(LABELS)),
+        "test_majority_baseline": majority_baseline(labels, len(params.labels)),
         "val_loss": result.val_loss,
         "train_loss": result.train_loss,
         "precision": result.precision,
@@ -174,7 +204,7 @@ def classify(params: ClassifyParams, base: Path, data: Path, device: str, *, cal
     }
     meta = {
         "stage": "classify",
-        "labels": list(LABELS),
+        "labels": list(params.labels),
         "max_length": max_length,
         **adapters,
     }
@@ -190,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("classify", ClassifyParams)
     run(
-        STAGE,
+        stage_for(params.dataset),
         params,
         lambda device, callback: classify(params, args.base, args.data, device, callback=callback),
         Outputs.from_args(args),

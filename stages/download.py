@@ -3,8 +3,8 @@
 Sources are ``http(s)://`` URLs, ``file://`` URLs or local paths, each with the sha256 of the file, or, for a zip
 whose own hash is not known (the UCI SMS Spam Collection), the sha256 of the member to extract. Everything is
 staged in a temp directory and moved into place only when every source verified, so a failure leaves nothing
-half-written in the output directory. Book: ch. 2 (the-verdict.txt), ch. 6 (SMS spam zip), ch. 7 (instruction
-and preference JSON).
+half-written in the output directory. Book: ch. 2 (the-verdict.txt), ch. 6 (SMS spam zip; the IMDB bonus's
+``aclImdb_v1.tar.gz`` with ``layout: aclimdb``), ch. 7 (instruction and preference JSON).
 
 ``mirror`` names a local directory tried before the network: a file there named like the last component of a
 source's URL (``the-verdict.txt``, ``sms+spam+collection.zip``, …) is used when it verifies, so the book profile
@@ -21,13 +21,14 @@ from pathlib import Path
 
 from gptlab.errors import UserError
 from gptlab.fileio import atomic_dir, write_json
-from stages import tracking
+from stages import aclimdb, tracking
 from stages.entry import stage_log, stage_main
 from stages.fetch import DownloadError, fetch
 from stages.params import load_section
 from stages.unzip import extract_member
 
 LOG = stage_log("download")
+LAYOUTS = (None, "aclimdb")
 
 
 @dataclass
@@ -42,8 +43,17 @@ class Source:
     """Extract this member of the fetched zip instead of keeping the zip."""
     member_sha256: str | None = None
     """sha256 of the extracted member."""
+    layout: str | None = None
+    """``aclimdb``: the fetched file is Stanford's ``aclImdb_v1.tar.gz``, written as the classify stage's
+    ``label<TAB>review`` file in the book's order (:mod:`stages.aclimdb`); ``sha256`` is the archive's."""
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise UserError(f"layout must be one of {', '.join(map(str, LAYOUTS))}, got {self.layout!r}")
+        if self.layout is not None and (self.member is not None or self.sha256 is None):
+            raise UserError(
+                f"{self.url}: layout {self.layout} reads the whole archive: give its sha256, no member"
+            )
         if self.member is None and self.member_sha256 is not None:
             raise UserError("member_sha256 needs member")
         if self.sha256 is None and self.member_sha256 is None:
@@ -79,7 +89,14 @@ def mirror_candidate(mirror: str | None, url: str) -> Path | None:
 
 
 def _fetch_source(src: Source, dest: Path, scratch: Path, location: str, **kw) -> str:
-    """Fetch one source from ``location`` into ``dest`` (extracting its member), verified; its sha256."""
+    """Fetch one source from ``location`` into ``dest`` (extracting its member or converting its layout),
+    verified; the sha256 of what was fetched (the member's for a member)."""
+    if src.layout == "aclimdb":
+        archive = scratch / f"{dest.name}.tar.gz"
+        digest = fetch(location, archive, sha256=src.sha256, **kw)
+        n = aclimdb.convert(archive, dest, source=location)
+        LOG.info("%s: %d reviews from %s", dest.name, n, Path(location).name)
+        return digest
     if src.member is None:
         return fetch(location, dest, sha256=src.sha256, **kw)
     archive = scratch / f"{dest.name}.zip"

@@ -4,8 +4,10 @@ Each response is scored 0-100 by ``evaluate.judge.model`` at ``evaluate.judge.ho
 (temperature 0, fixed seed, ``num_ctx`` 2048, a JSON-schema ``format``); unparsable replies are retried once and
 then counted as unparsed, never dropped or invented. ``judge.repeats: N`` asks every question N times and
 reports mean ± std per response and for each set. The judge's digest and every option sent are recorded with
-the metrics, the raw replies logged to MLflow. Answers are cached by judge (model, digest, options, repeat)
-and prompt, so reruns ask nothing twice and a changed judge is asked again.
+the metrics, the raw replies logged to MLflow, and each model's answers become an MLflow GenAI evaluation run
+(:mod:`stages.evaluations`: a trace per test instruction, the judge's score as an assessment). Answers are
+cached by judge (model, digest, options, repeat) and prompt, so reruns ask nothing twice and a changed judge is
+asked again.
 Reference-based metrics (ROUGE-L F1, exact match) need no judge, and the DPO records, which carry the SFT
 model's answer as ``reference_response``, give a pairwise SFT-vs-DPO comparison on the same prompts.
 
@@ -27,6 +29,7 @@ from gptlab.fileio import atomic_write, read_utf8, write_json
 from gptlab.textmetrics import exact_match, rouge_l_f1
 from stages import tracking
 from stages.entry import stage_log, stage_main
+from stages.evaluations import log_evaluations
 from stages.judge import (
     JudgeConfig,
     JudgeUnavailableError,
@@ -53,6 +56,9 @@ class EvaluateParams:
     judge: JudgeParams = field(default_factory=JudgeParams)
     max_records: int | None = None
     """Score at most this many records per response set (None: all)."""
+
+    def judge_config(self) -> JudgeConfig:
+        return JudgeConfig(**{k: v for k, v in vars(self.judge).items() if k != "required"})
 
 
 def response_sets(sft: list[dict], dpo: list[dict]) -> dict[str, list[tuple[dict, str]]]:
@@ -82,7 +88,7 @@ def evaluate(
     sets: dict[str, list[tuple[dict, str]]], params: EvaluateParams, cache_path: Path
 ) -> tuple[dict, pd.DataFrame]:
     """Score every set (judge when reachable) and compute reference metrics; returns (metrics, per-record table)."""
-    cfg = JudgeConfig(**{k: v for k, v in vars(params.judge).items() if k != "required"})
+    cfg = params.judge_config()
     status, digest = "ok", None
     try:
         digest = check_judge(cfg)
@@ -228,6 +234,14 @@ def main() -> None:
                 "".join(json.dumps(r) + "\n" for r in replies), artifact_file="judge_replies.jsonl"
             )
         tracking.log_outputs("evaluate")
+        evaluations = log_evaluations(
+            sets,
+            params.judge_config(),
+            args.cache,
+            status=metrics["judge_status"],
+            digest=metrics["judge"]["digest"],
+            max_records=params.max_records,
+        )
     for name, m in metrics["models"].items():
         spread = (
             f" ± {m['repeat_std']:.1f} over {len(m['repeat_means'])} repeats"
@@ -242,6 +256,8 @@ def main() -> None:
         print(f"evaluate: {name:<18} ROUGE-L {m['rouge_l_f1']:.3f}  {judged}")
     if metrics["judge_status"] != "ok":
         print(f"evaluate: no judge at {metrics['judge_host']}: reference metrics only")
+    runs = ", ".join(f"{m} {e['traces']} rows" for m, e in evaluations.items())
+    print(f"evaluate: MLflow evaluations: {runs}")
 
 
 if __name__ == "__main__":

@@ -63,14 +63,33 @@ def _dvc_invocation() -> str | None:
     return None
 
 
-def git_commit(root: Path | None = None) -> str:
+def _git(root: Path | None, *args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        )
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def git_commit(root: Path | None = None) -> str:
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def git_source(root: Path | None = None) -> dict[str, str]:
+    """MLflow's source tags for the checkout: the commit (the runs table's Version), its branch, the ``origin``
+    remote (the UI links the commit where it is GitHub or GitLab), and whether tracked files had uncommitted
+    changes (then the commit alone does not say which code ran)."""
+    tags = {"mlflow.source.git.commit": git_commit(root)}
+    branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    remote = _git(root, "remote", "get-url", "origin")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    status = _git(root, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    if status is not None:
+        tags["gptlab.git_dirty"] = "true" if status else "false"
+    return tags
 
 
 def run_tags(root: Path | None = None) -> dict[str, str]:
@@ -78,7 +97,7 @@ def run_tags(root: Path | None = None) -> dict[str, str]:
     root = root or Path.cwd()
     tags = {
         "gptlab.pipeline_run_id": pipeline_run_id(),
-        "mlflow.source.git.commit": git_commit(root),
+        **git_source(root),
         "gptlab.profile": str(read_params(root / "params.yaml").get("profile", "custom")),
     }
     if os.environ.get("DVC_EXP_NAME"):

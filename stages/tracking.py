@@ -35,6 +35,8 @@ import mlflow  # noqa: E402  (after the env defaults above, which MLflow reads a
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which configures it
 
+from mlflow.data.dataset_source import DatasetSource  # noqa: E402
+
 from gptlab.errors import UserError  # noqa: E402
 from stages import run_context  # noqa: E402
 
@@ -110,7 +112,16 @@ def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one DVC stage, nested under its execution's parent run (:mod:`stages.run_context`),
     with its params section logged and the grouping tags set."""
     experiment_id = configure()
-    tags = {**run_context.run_tags(), "gptlab.stage": stage, "dvc.stage": stage, "gptlab.role": "stage"}
+    mlflow.set_experiment(experiment_id=experiment_id)  # where traces (GenAI evaluations) are logged too
+    tags = {
+        **run_context.run_tags(),
+        "gptlab.stage": stage,
+        "dvc.stage": stage,
+        "gptlab.role": "stage",
+        # The runs table's Source: the stage's module, whatever path the interpreter was started from.
+        "mlflow.source.name": f"stages/{stage}.py",
+        "mlflow.source.type": "LOCAL",
+    }
     owned = run_context.owned_by_entry_point()
     parent = run_context.parent_run(experiment_id)
     status = "FAILED"
@@ -121,6 +132,7 @@ def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
             flat = flatten(params)
             # MLflow caps a param value at 6000 chars; long lists (prompts) are artifacts anyway.
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            log_inputs(stage)
             yield run
         status = "FINISHED"
     finally:
@@ -174,6 +186,74 @@ def declared_outputs(stage: str, root: Path | None = None) -> list[Path]:
     with Repo(str(root)) as repo:
         found = [s for s in repo.index.stages if s.addressing == stage]
         return [root / o.def_path for s in found for o in s.outs]
+
+
+class DvcSource(DatasetSource):
+    """A path DVC tracks in the repository, as an MLflow dataset's source (source type ``dvc``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self, **kwargs) -> str:
+        return self.path
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False  # never guessed from a bare string: made explicitly by log_inputs
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DvcSource:
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcSource:
+        return cls(source_dict["path"])
+
+
+def declared_inputs(stage: str, root: Path | None = None) -> list[tuple[str, str | None]]:
+    """(path, DVC md5) of every data and model dependency dvc.yaml declares for ``stage`` (code and params
+    left out), hashed by DVC itself (its state cache makes an unchanged file or directory free to re-hash); a
+    directory's md5 is that of DVC's ``.dir`` listing. Empty outside a DVC project."""
+    root = (root or Path.cwd()).resolve()
+    if not (root / "dvc.yaml").is_file():
+        return []
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    found = []
+    with Repo(str(root)) as repo:
+        for s in repo.index.stages:
+            if s.addressing != stage:
+                continue
+            for dep in s.deps:
+                path = Path(dep.def_path)
+                if isinstance(dep, ParamsDependency) or path.suffix == ".py" or not (root / path).exists():
+                    continue
+                digest = dep.get_hash()
+                found.append((path.as_posix(), digest.value.removesuffix(".dir") if digest else None))
+    return found
+
+
+def log_inputs(stage: str) -> None:
+    """Log the stage's data and model dependencies as MLflow datasets (the runs table's Dataset column), each
+    named by its path and digested by its DVC md5, so two runs on the same data show the same digest."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    inputs = declared_inputs(stage)
+    if not inputs:
+        return
+    mlflow.log_inputs(
+        datasets=[MetaDataset(DvcSource(p), name=p, digest=d) for p, d in inputs],
+        contexts=["model" if p.startswith("models/") else "data" for p, _ in inputs],
+        tags_list=[None] * len(inputs),
+    )
 
 
 def log_outputs(stage: str) -> None:

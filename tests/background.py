@@ -53,3 +53,34 @@ def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Ite
 
 def tail(log: Path, n: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend, local artifacts under ``root``) on a free loopback port; yields
+    its URL."""
+    import sys
+    import urllib.request
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    # No job runner: it starts eight more processes (server-side GenAI evaluation jobs) the tests never use.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return True
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(tail(root / "server.log")) from None
+            return False
+
+    with background(cmd, root, env, root / "server.log") as proc:
+        wait_for(healthy, 120, "mlflow server")
+        yield url

@@ -4,14 +4,10 @@ logged to a real `mlflow server` (SQLite backend, loopback) and checked over its
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
+import background
 import pytest
 from clones import TINY_PARAMS as TINY
 from clones import clean_env, make_clone, run, set_params
@@ -20,42 +16,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the sess
 UPSTREAM = ["download", "tokenize", "pretrain"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    # No job runner: it starts eight more processes (GenAI evaluation jobs) that these tests never use.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
+    with background.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _api(url: str, path: str, body: dict | None = None) -> dict:

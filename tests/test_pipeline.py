@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from clones import TINY_PARAMS, clean_env, git, run, set_params
 from mlflow.tracking import MlflowClient
 
@@ -131,6 +132,17 @@ def test_evaluate_without_a_judge_reports_reference_metrics(clone: Path, first_r
     table = pd.read_parquet(clone / "outputs/evaluate/scores.parquet")
     assert len(table) == 50 and table["score"].isna().all()
     assert "evaluate: no judge at http://127.0.0.1:11434: reference metrics only" in first_run.stdout
+    # Both models' answers are MLflow evaluation runs of reference scores, saying why there is no judge score.
+    assert "evaluate: MLflow evaluations: sft 10 rows, dpo 10 rows" in first_run.stdout
+    client, runs = _runs(clone)
+    evaluations = {r.info.run_name: r for r in runs if r.data.tags.get("gptlab.role") == "evaluation"}
+    assert sorted(evaluations) == ["evaluate-dpo", "evaluate-sft"]
+    for r in evaluations.values():
+        assert r.data.tags["gptlab.judge_status"] == "unreachable"
+        assert "No judge reachable at http://127.0.0.1:11434" in r.data.tags["mlflow.note.content"]
+        assert "rouge_l_f1/mean" in r.data.metrics and "judge_score/mean" not in r.data.metrics
+    dpo = metrics["models"]["dpo"]["rouge_l_f1"]
+    assert evaluations["evaluate-dpo"].data.metrics["rouge_l_f1/mean"] == pytest.approx(dpo)
 
 
 def test_export_writes_models_that_load_back(clone: Path, first_run) -> None:
@@ -154,12 +166,32 @@ def test_mlflow_has_a_run_per_stage(clone: Path, first_run) -> None:
     assert sorted(by_stage) == sorted(STAGES)
     assert len({r.data.tags["gptlab.pipeline_run_id"] for r in by_stage.values()}) == 1
     commit = git("rev-parse", "HEAD", cwd=clone).strip()
+    dirty = "true" if git("status", "--porcelain", "--untracked-files=no", cwd=clone).strip() else "false"
     for stage, r in by_stage.items():
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.source.git.commit"] == commit
         assert r.data.tags["dvc.stage"] == stage and r.data.tags["gptlab.profile"] == "sample"
         assert r.data.tags["prefect.flow_run_id"]
         assert r.data.params, stage
+        assert r.data.tags["mlflow.source.name"] == f"stages/{stage}.py"
+        assert r.data.tags["gptlab.git_dirty"] == dirty  # the tests' tiny params.yaml: true
+    # Each stage's data and model deps are its run's datasets, digested by DVC's md5 as dvc.lock records them.
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    for stage in ("tokenize", "pretrain", "classify", "evaluate"):
+        logged = {
+            d.dataset.name: (d.dataset.digest, d.dataset.source_type, {t.key: t.value for t in d.tags})
+            for d in by_stage[stage].inputs.dataset_inputs
+        }
+        data = {
+            d["path"]: d["md5"].removesuffix(".dir")
+            for d in lock[stage]["deps"]
+            if not d["path"].endswith(".py")
+        }
+        assert data and {k: v[0] for k, v in logged.items()} == data, stage
+        assert all(src == "dvc" for _, src, _ in logged.values())
+    assert set(logged) == {"outputs/sft/responses.json", "outputs/dpo/responses.json"}
+    contexts = {d.dataset.name: d.tags[0].value for d in by_stage["classify"].inputs.dataset_inputs}
+    assert contexts == {"models/base": "model", "data/raw/sms_spam.tsv": "data"}
     pretrain = by_stage["pretrain"]
     assert pretrain.data.params["train.lr"] == "0.001"
     history = client.get_metric_history(pretrain.info.run_id, "train_loss")
