@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gptlab.textmetrics import exact_match, rouge_l_f1
-from stages import tracking
+from stages import run_context, tracking
 from stages.entry import stage_log
 from stages.judge import JudgeConfig, JudgmentCache, score_responses
 
@@ -124,6 +124,7 @@ def log_evaluations(
     for model, set_name in EVALUATED.items():
         items = sets[set_name][:max_records] if max_records is not None else sets[set_name]
         tags = {
+            **run_context.run_tags(),  # the pipeline run, Prefect flow run, profile and git source, as every run
             "gptlab.role": "evaluation",
             "gptlab.evaluated_model": model,
             "gptlab.judge_status": status,

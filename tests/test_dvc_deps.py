@@ -53,7 +53,7 @@ def test_data_stages_do_not_depend_on_model_code_and_lora_only_reruns_its_users(
             code[stage]
         )
     users = {stage for stage, files in code.items() if "gptlab/lora.py" in files}
-    assert users == {"base_model", "classify", "sft", "dpo", "export"}
+    assert users == {"base_model", "classify", "sft", "dpo", "benchmark", "export"}
 
 
 def test_write_restores_a_removed_dep_and_keeps_comments_and_data_deps(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ from pipelines.flow import pipeline
 from pipelines.graph import dvc_stages
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
-STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
+STAGES = [
+    "download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "benchmark", "evaluate", "export"
+]  # fmt: skip
 
 
 @pytest.fixture

@@ -22,7 +22,9 @@ from clones import TINY_PARAMS, clean_env, git, run, set_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]  # the session run's worker
-STAGES = ["download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "evaluate", "export"]
+STAGES = [
+    "download", "tokenize", "pretrain", "base_model", "classify", "sft", "dpo", "benchmark", "evaluate", "export"
+]  # fmt: skip
 REGISTERED = {"classify": "gptlab-spam-classifier", "sft": "gptlab-sft", "dpo": "gptlab-dpo"}
 
 
