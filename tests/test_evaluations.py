@@ -37,18 +37,27 @@ SFT = [{"instruction": "Name a primary color.", "input": "", "output": "Red.", "
 
 
 def numeric_judge(path: Path, score: int = 85) -> Path:
-    """A 1-layer GPT that answers every prompt with `` <score>`` repeated (its logits ignore the input), so
-    ``parse_score`` reads ``score`` from each reply: a judge whose scores are known."""
+    """A 1-layer GPT that answers every prompt with `` <score>`` and then its end-of-text token: a judge whose
+    scores are known. Its block adds nothing and positions are zero, so each next token depends on the current
+    one alone: after `` <score>`` comes end-of-text, after anything else `` <score>``."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt-micro", n_layer=1, tie_weights=False))
     (token,) = GPT2Tokenizer().encode(f" {score}")
+    eot = GPT2Tokenizer.eos_id
     with torch.no_grad():
-        direction = torch.randn(model.config.n_embd)
-        direction *= 10 / direction.norm()
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(direction)
+        for linear in (model.transformer.h[0].attn.c_proj, model.transformer.h[0].mlp.c_proj):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        model.transformer.wpe.weight.zero_()
+        other, after = torch.randn(2, model.config.n_embd)
+        model.transformer.wte.weight.copy_(other)  # every token alike...
+        model.transformer.wte.weight[token] = after  # ...but the score
+        norm = model.transformer.ln_f
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
         model.lm_head.weight.zero_()
-        model.lm_head.weight[token] = direction
+        model.lm_head.weight[token] = norm(other)  # after any other token: the score
+        model.lm_head.weight[eot] = norm(after)  # after the score: end of text
     save_checkpoint(model, path)
     return path
 
