@@ -12,6 +12,7 @@ group in the UI.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import urllib.error
@@ -175,19 +176,6 @@ def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
         mlflow.log_params(text)
 
 
-def declared_outputs(stage: str, root: Path | None = None) -> list[Path]:
-    """The files and directories dvc.yaml declares as ``stage``'s outs, metrics and plots, through DVC's API
-    (dvc.yaml is the only place paths are written); empty when the stage runs outside a DVC project."""
-    root = (root or Path.cwd()).resolve()
-    if not (root / "dvc.yaml").is_file():
-        return []
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        found = [s for s in repo.index.stages if s.addressing == stage]
-        return [root / o.def_path for s in found for o in s.outs]
-
-
 class DvcSource(DatasetSource):
     """A path DVC tracks in the repository, as an MLflow dataset's source (source type ``dvc``)."""
 
@@ -217,28 +205,41 @@ class DvcSource(DatasetSource):
         return cls(source_dict["path"])
 
 
-def declared_inputs(stage: str, root: Path | None = None) -> list[tuple[str, str | None]]:
-    """(path, DVC md5) of every data and model dependency dvc.yaml declares for ``stage`` (code and params
-    left out), hashed by DVC itself (its state cache makes an unchanged file or directory free to re-hash); a
-    directory's md5 is that of DVC's ``.dir`` listing. Empty outside a DVC project."""
-    root = (root or Path.cwd()).resolve()
-    if not (root / "dvc.yaml").is_file():
-        return []
+@functools.cache
+def _declared(stage: str, root: Path) -> tuple[tuple[tuple[str, str | None], ...], tuple[Path, ...]]:
+    """``stage``'s data/model deps with their DVC md5s, and its declared outputs, read with one opening of the
+    DVC project (every stage asks for both: the inputs when its run starts, the outputs when it ends)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    found = []
+    inputs, outputs = [], []
     with Repo(str(root)) as repo:
         for s in repo.index.stages:
             if s.addressing != stage:
                 continue
+            outputs += [root / o.def_path for o in s.outs]
             for dep in s.deps:
                 path = Path(dep.def_path)
                 if isinstance(dep, ParamsDependency) or path.suffix == ".py" or not (root / path).exists():
                     continue
                 digest = dep.get_hash()
-                found.append((path.as_posix(), digest.value.removesuffix(".dir") if digest else None))
-    return found
+                inputs.append((path.as_posix(), digest.value.removesuffix(".dir") if digest else None))
+    return tuple(inputs), tuple(outputs)
+
+
+def declared_inputs(stage: str, root: Path | None = None) -> list[tuple[str, str | None]]:
+    """(path, DVC md5) of every data and model dependency dvc.yaml declares for ``stage`` (code and params
+    left out), hashed by DVC itself (its state cache makes an unchanged file or directory free to re-hash); a
+    directory's md5 is that of DVC's ``.dir`` listing. Empty outside a DVC project."""
+    root = (root or Path.cwd()).resolve()
+    return list(_declared(stage, root)[0]) if (root / "dvc.yaml").is_file() else []
+
+
+def declared_outputs(stage: str, root: Path | None = None) -> list[Path]:
+    """The files and directories dvc.yaml declares as ``stage``'s outs, metrics and plots, through DVC's API
+    (dvc.yaml is the only place paths are written); empty when the stage runs outside a DVC project."""
+    root = (root or Path.cwd()).resolve()
+    return list(_declared(stage, root)[1]) if (root / "dvc.yaml").is_file() else []
 
 
 def log_inputs(stage: str) -> None:

@@ -193,6 +193,7 @@ def test_pretrain_stage_relaunches_itself_under_torchrun(tmp_path) -> None:
 def test_finetuning_stages_run_under_torchrun(tmp_path, stage, parallelism) -> None:
     """dvc.yaml's own command for the stage, with ``launch.nproc_per_node: 2``: two ranks train, rank 0 writes.
     FSDP covers a partly frozen model (classify trains the last block and head) and DPO's frozen reference."""
+    import re
     import shlex
     import shutil
 
@@ -222,7 +223,9 @@ def test_finetuning_stages_run_under_torchrun(tmp_path, stage, parallelism) -> N
     shutil.copy(REPO / "data" / "sample" / "SMSSpamCollection", raw / "sms_spam.tsv")
     for name in ("instruction-data.json", "instruction-data-with-preference.json"):
         shutil.copy(REPO / "data" / "sample" / name, raw / name)
-    cmd = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    raw_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    # DVC's templating, as `dvc repro` fills it in: ${section.key} from params.yaml
+    cmd = shlex.split(re.sub(r"\$\{([\w.]+)\}", lambda m: str(_lookup(params, m.group(1))), raw_cmd))
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -235,3 +238,9 @@ def test_finetuning_stages_run_under_torchrun(tmp_path, stage, parallelism) -> N
     assert f"{stage}: 2 processes (torchrun, 1 node(s))" in proc.stderr and "Traceback" not in proc.stderr
     metrics = json.loads((tmp_path / "metrics" / f"{stage}.json").read_text())
     assert metrics["precision"] == "fp32" and metrics.get("steps", 2) == 2
+
+
+def _lookup(params: dict, dotted: str):
+    for key in dotted.split("."):
+        params = params[key]
+    return params

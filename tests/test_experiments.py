@@ -93,36 +93,43 @@ def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, prefect_serve
     assert losses[0] != losses[1]
 
 
+@pytest.mark.xdist_group("sweep")  # no Prefect: it need not wait for the session run's worker
 def test_dvc_exp_queue_sweep_is_listed_and_tracked(mlflow_server: str, clone: Path) -> None:
+    # The sweep's subject is DVC's queue and the runs it records, not training: a tokenize param keeps each
+    # experiment to download (restored from DVC's run cache after the first) and tokenize.
     env = clean_env(clone, MLFLOW_TRACKING_URI=mlflow_server)
-    for lr in ("0.003", "0.004"):
-        run(["dvc", "exp", "run", "--queue", "-S", f"pretrain.train.lr={lr}", "pretrain"], clone, env)
+    for fraction in ("0.2", "0.3"):
+        run(
+            ["dvc", "exp", "run", "--queue", "-S", f"tokenize.val_fraction={fraction}", "tokenize"],
+            clone,
+            env,
+        )
     run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], clone, env, timeout=900)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], clone, env).stdout)
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
-    lrs = set()
+    fractions = set()
     for exp in exps:
         for e in exp.get("revs", []):
             data = e.get("data") or {}
-            lr = (
+            fraction = (
                 data.get("params", {})
                 .get("params.yaml", {})
                 .get("data", {})
-                .get("pretrain", {})
-                .get("train", {})
-                .get("lr")
+                .get("tokenize", {})
+                .get("val_fraction")
             )
-            metrics = data.get("metrics", {}).get("metrics/pretrain.json", {}).get("data", {})
-            if lr is not None and metrics:
-                lrs.add(lr)
-                assert "val_loss" in metrics
-    assert {0.003, 0.004} <= lrs
+            metrics = data.get("metrics", {}).get("metrics/tokenize.json", {}).get("data", {})
+            if fraction is not None and metrics:
+                fractions.add(fraction)
+                # the experiment's own split: its validation share of the tokens is the fraction it was run with
+                assert metrics["val_tokens"] / metrics["num_tokens"] == pytest.approx(fraction, abs=0.01)
+    assert {0.2, 0.3} <= fractions
 
     exp_id = _api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")["experiment"][
         "experiment_id"
     ]
-    tagged = _search(mlflow_server, exp_id, "tags.`dvc.exp_name` != '' and tags.`gptlab.stage` = 'pretrain'")
-    assert {_params(r)["train.lr"] for r in tagged} >= {"0.003", "0.004"}
+    tagged = _search(mlflow_server, exp_id, "tags.`dvc.exp_name` != '' and tags.`gptlab.stage` = 'tokenize'")
+    assert {_params(r)["val_fraction"] for r in tagged} >= {"0.2", "0.3"}
     names = {_tags(r)["dvc.exp_name"] for r in tagged}
     assert len(names) >= 2
     for r in tagged:  # each experiment's stages nest under that experiment's parent run
