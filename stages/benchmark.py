@@ -50,23 +50,6 @@ class BenchmarkParams:
             raise UserError(f"benchmark.include_path: {self.include_path} is not a directory")
 
 
-def local_tasks(include_path: str | None) -> set[str]:
-    """The task names the YAML files in ``include_path`` define."""
-    if include_path is None:
-        return set()
-    import yaml
-
-    names = set()
-    for path in sorted(Path(include_path).glob("*.yaml")):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML ({exc})") from None
-        if isinstance(data, dict) and isinstance(data.get("task"), str):
-            names.add(data["task"])
-    return names
-
-
 def benchmark(params: BenchmarkParams, models: dict[str, Path], device: str) -> dict[str, dict[str, dict]]:
     """{model: {task: {metric: value}}} for every model on every task; no files written."""
     import lm_eval
@@ -74,9 +57,11 @@ def benchmark(params: BenchmarkParams, models: dict[str, Path], device: str) -> 
 
     from stages.lm_harness import GptlabLM
 
-    local = local_tasks(params.include_path)
     # lm-eval indexes its thousands of built-in task files only when a task is not one of ours.
-    manager = TaskManager(include_path=params.include_path, include_defaults=not set(params.tasks) <= local)
+    manager = TaskManager(include_path=params.include_path, include_defaults=False)
+    local = set(manager.all_tasks) if params.include_path is not None else set()
+    if not set(params.tasks) <= local:
+        manager = TaskManager(include_path=params.include_path)
     unknown = [t for t in params.tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(

@@ -90,10 +90,12 @@ def configure(root: Path | None = None) -> str:
             )
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage
             experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-        return experiment_id
-    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # an experiment made by an older version
-        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
-    return exp.experiment_id
+    else:
+        experiment_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # an experiment made by an older version
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    mlflow.set_experiment(experiment_id=experiment_id)  # the active one: where traces (evaluations) go too
+    return experiment_id
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -113,7 +115,6 @@ def stage_run(stage: str, params: Any) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one DVC stage, nested under its execution's parent run (:mod:`stages.run_context`),
     with its params section logged and the grouping tags set."""
     experiment_id = configure()
-    mlflow.set_experiment(experiment_id=experiment_id)  # where traces (GenAI evaluations) are logged too
     tags = {
         **run_context.run_tags(),
         "gptlab.stage": stage,

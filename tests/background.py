@@ -84,3 +84,17 @@ def mlflow_server(root: Path) -> Iterator[str]:
     with background(cmd, root, env, root / "server.log") as proc:
         wait_for(healthy, 120, "mlflow server")
         yield url
+
+
+def mlflow_api(url: str, path: str, body: dict | None = None) -> dict:
+    """MLflow's REST API (``/api/2.0/mlflow/<path>``): GET without ``body``, else POST it as JSON."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import urllib.request
 from pathlib import Path
 
 import background
@@ -103,16 +102,6 @@ def recorded(tmp_path_factory):
         env.undo()
 
 
-def _api(url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.load(resp)
-
-
 def test_each_model_is_an_evaluation_run_of_scored_traces(recorded) -> None:
     url, metrics = recorded["url"], recorded["metrics"]
     (first_before, first_after), (second_before, second_after) = recorded["requests"]
@@ -121,8 +110,10 @@ def test_each_model_is_an_evaluation_run_of_scored_traces(recorded) -> None:
     assert second_after == second_before == first_before
     digest = metrics["judge"]["digest"]
 
-    exp = _api(url, "experiments/search", {"max_results": 10, "filter": "name = 'gptlab'"})["experiments"][0]
-    found = _api(
+    exp = background.mlflow_api(url, "experiments/search", {"max_results": 10, "filter": "name = 'gptlab'"})[
+        "experiments"
+    ][0]
+    found = background.mlflow_api(
         url, "runs/search",
         {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`gptlab.role` = 'evaluation'", "max_results": 50},
     )["runs"]  # fmt: skip

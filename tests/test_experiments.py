@@ -4,7 +4,6 @@ logged to a real `mlflow server` (SQLite backend, loopback) and checked over its
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import background
@@ -22,18 +21,8 @@ def mlflow_server(tmp_path_factory):
         yield url
 
 
-def _api(url: str, path: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.load(resp)
-
-
 def _search(url: str, experiment_id: str, filter_string: str) -> list[dict]:
-    return _api(
+    return background.mlflow_api(
         url, "runs/search", {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 500}
     ).get("runs", [])
 
@@ -65,9 +54,9 @@ def test_two_executions_side_by_side_in_mlflow(mlflow_server: str, prefect_serve
     )
     run(["git", "checkout", "params.yaml"], clone, env)
 
-    exp_id = _api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")["experiment"][
-        "experiment_id"
-    ]
+    exp_id = background.mlflow_api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")[
+        "experiment"
+    ]["experiment_id"]
     parents = _search(mlflow_server, exp_id, "tags.`gptlab.role` = 'pipeline'")
     assert len(parents) == 2
     children = {}
@@ -125,13 +114,15 @@ def test_dvc_exp_queue_sweep_is_listed_and_tracked(mlflow_server: str, clone: Pa
                 assert metrics["val_tokens"] / metrics["num_tokens"] == pytest.approx(fraction, abs=0.01)
     assert {0.2, 0.3} <= fractions
 
-    exp_id = _api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")["experiment"][
-        "experiment_id"
-    ]
+    exp_id = background.mlflow_api(mlflow_server, "experiments/get-by-name?experiment_name=gptlab")[
+        "experiment"
+    ]["experiment_id"]
     tagged = _search(mlflow_server, exp_id, "tags.`dvc.exp_name` != '' and tags.`gptlab.stage` = 'tokenize'")
     assert {_params(r)["val_fraction"] for r in tagged} >= {"0.2", "0.3"}
     names = {_tags(r)["dvc.exp_name"] for r in tagged}
     assert len(names) >= 2
     for r in tagged:  # each experiment's stages nest under that experiment's parent run
-        parent = _api(mlflow_server, f"runs/get?run_id={_tags(r)['mlflow.parentRunId']}")["run"]
+        parent = background.mlflow_api(mlflow_server, f"runs/get?run_id={_tags(r)['mlflow.parentRunId']}")[
+            "run"
+        ]
         assert _tags(parent)["gptlab.pipeline_run_id"] == f"exp-{_tags(r)['dvc.exp_name']}"
