@@ -114,13 +114,16 @@ def stream(
     cache: KVCache | None = None
     new_ids = ids
     for step in range(max_new_tokens):
-        if use_cache and cache is not None and cache.length < ctx:
-            logits = model(new_ids, attention_mask=mask if padded else None, cache=cache)
+        if use_cache and cache is not None and cache.length < cache.max_length:
+            logits = model(new_ids, attention_mask=mask if padded else None, cache=cache, last_only=True)
         else:
             if use_cache:
                 dtype = next(model.parameters()).dtype
-                cache = model.new_cache(ids.size(0), device=device, dtype=dtype)
-            logits = model(ids, attention_mask=mask if padded else None, cache=cache)
+                # Room for what is left to feed, no more: a cache at the full context (8192 positions for
+                # SmolLM2) costs more to allocate than a short answer takes to decode.
+                need = ids.size(1) + max_new_tokens - step - 1
+                cache = model.new_cache(ids.size(0), device=device, dtype=dtype, max_length=min(ctx, need))
+            logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)
         next_logits = logits[:, -1, :]  # (B, V)
         if on_logits is not None:
             on_logits(step, next_logits)

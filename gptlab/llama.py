@@ -266,8 +266,10 @@ class Decoder(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) — or (B, T, num_classes) — for token ids ``idx`` (B, T).
+        """Logits (B, T, vocab_size) — or (B, T, num_classes) — for token ids ``idx`` (B, T); (B, 1, ·) for the
+        last position alone with ``last_only``.
 
         ``attention_mask`` (B, S) marks real (1) vs padding (0) positions over everything seen so far (cached +
         new), as produced by left-padding a batch; positions count real tokens only, as in :class:`GPT`.
@@ -305,6 +307,8 @@ class Decoder(nn.Module):
             x = layer(x, ropes[kind], masks[kind], cache, i)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.model.norm(x))
 
 

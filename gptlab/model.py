@@ -261,12 +261,15 @@ class GPT(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T).
 
         ``attention_mask`` (B, S) marks real (1) vs padding (0) positions over everything the model sees so far
         (cached + new; S = cache.length + T), as produced by left-padding a batch. Returns (B, T, vocab_size)
-        logits, or (B, T, num_classes) for a classifier (callers use the last position, book ch. 6).
+        logits, or (B, T, num_classes) for a classifier (callers use the last position, book ch. 6);
+        ``last_only``: (B, 1, ·) for the last position alone, all that generation reads (the head is a
+        prompt's largest matmul).
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -291,6 +294,8 @@ class GPT(nn.Module):
             x = block(x, mask, cache, i)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if self.config.num_classes is None and self.config.embedding_rows != self.config.vocab_size:

@@ -44,6 +44,23 @@ def test_cached_and_uncached_greedy_tokens_identical_and_logits_close(model: GPT
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_cache_holds_what_is_fed_and_logits_are_the_last_positions(model: GPT, monkeypatch) -> None:
+    """Generation asks for a cache of prompt + new tokens - 1 positions (the last sampled token is never fed),
+    not the whole context window, and for the last position's logits alone, equal to the full forward's."""
+    sizes = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(
+        model, "new_cache", lambda *a, **kw: sizes.append(kw["max_length"]) or new_cache(*a, **kw)
+    )
+    assert len(generate(model, [[5, 17, 99]], max_new_tokens=6)[0]) == 6
+    assert sizes == [3 + 6 - 1]
+    ids = torch.tensor([[5, 17, 99, 4]])
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last_only=True)
+    assert last.shape == (1, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_batched_left_padded_equals_one_by_one(model: GPT) -> None:
     batched = generate(model, PROMPTS, max_new_tokens=10)
     single = [generate(model, [p], max_new_tokens=10)[0] for p in PROMPTS]

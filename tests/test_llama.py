@@ -121,6 +121,8 @@ def test_logits_match_transformers(pair) -> None:
         got = model(ids)
     assert want.abs().max() > 5  # the random weights produce large logits: a test with teeth
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), got[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_tokens_match_with_and_without_cache(pair) -> None:

@@ -235,7 +235,7 @@ class Batcher:
         dtype = next(self.model.parameters()).dtype
         slot.cache = self.model.new_cache(1, device=ids.device, dtype=dtype, max_length=ids.size(1))
         with self.served.lock:
-            logits = self.model(ids, cache=slot.cache)[:, -1, :]
+            logits = self.model(ids, cache=slot.cache, last_only=True)[:, -1, :]
         token = self._sample(slot, logits)
         gen.prompt_eval_ns += time.perf_counter_ns() - t0
         return not self._emit(slot, token)
@@ -336,7 +336,7 @@ class Batcher:
         dtype = next(self.model.parameters()).dtype
         cache = self.model.new_cache(1, device=ids.device, dtype=dtype)
         with self.served.lock:
-            logits = self.model(ids, cache=cache)[:, -1, :]
+            logits = self.model(ids, cache=cache, last_only=True)[:, -1, :]
         token = self._sample(slot, logits)
         slot.gen.eval_ns += time.perf_counter_ns() - t0
         if self._emit(slot, token):
