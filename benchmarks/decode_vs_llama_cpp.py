@@ -32,6 +32,12 @@ from pathlib import Path
 
 import torch
 
+from gptlab.formats.gguf_write import export_gguf
+from gptlab.formats.wheels import model_dir
+from gptlab.generate import stream
+from gptlab.load import load_checkpoint, load_tokenizer
+from gptlab.train import native_bf16
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("llama_cpp_decode.mjs")
 ENTRY = Path(sys.prefix) / "llama-cpp" / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
@@ -51,12 +57,6 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(isa)})"
 
 
-def native_bf16() -> bool:
-    with open("/proc/cpuinfo") as f:
-        text = f.read()
-    return "avx512_bf16" in text or "amx_bf16" in text
-
-
 def llama_cpp(gguf: Path, ids: list[int], new_tokens: int, batch: int, threads: int, rounds: int) -> dict:
     spec = {"tokens": ids, "new_tokens": new_tokens, "batch": batch, "threads": threads, "rounds": rounds}
     proc = subprocess.run(
@@ -70,8 +70,6 @@ def llama_cpp(gguf: Path, ids: list[int], new_tokens: int, batch: int, threads: 
 
 def gptlab_rounds(model, ids: list[int], new_tokens: int, batch: int, rounds: int) -> dict:
     """The same measurements as the node script, from :func:`gptlab.generate.stream`."""
-    from gptlab.generate import stream
-
     out, results = [], []
     for _ in range(rounds):
         tokens = []
@@ -107,17 +105,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from gptlab.formats.gguf_write import export_gguf
-    from gptlab.formats.wheels import model_dir
-    from gptlab.load import load_checkpoint, load_tokenizer
-
     if not ENTRY.is_file() or shutil.which("node") is None:
         sys.exit(f"llama.cpp (npm node-llama-cpp) is not installed at {ENTRY.parents[2]}: run ./run.sh setup")
     checkpoint = args.checkpoint or model_dir("smollm2-135m-instruct")
     if not (checkpoint / "config.json").is_file():
         sys.exit(f"{checkpoint}: no checkpoint (gptlab fetch-model smollm2-135m-instruct)")
-    precisions = args.precision or (["f32", "bf16"] if native_bf16() else ["f32"])
+    precisions = args.precision or (["f32", "bf16"] if native_bf16("cpu") else ["f32"])
     torch.set_num_threads(args.threads)
     text = (REPO / "data" / "sample" / "corpus.txt").read_text()
     ids = load_tokenizer(checkpoint).encode(text)[: args.prompt_tokens]
