@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
+from gptlab.device import native_bf16
 from gptlab.formats.gguf_write import export_gguf
 from gptlab.formats.wheels import model_dir
 from gptlab.generate import stream
 from gptlab.load import load_checkpoint, load_tokenizer
-from gptlab.train import native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("llama_cpp_decode.mjs")

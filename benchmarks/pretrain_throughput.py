@@ -25,8 +25,9 @@ import torch
 
 from gptlab.batches import ArrayStream, WindowLoader
 from gptlab.config import GPTConfig
+from gptlab.device import native_bf16, peak_flops
 from gptlab.model import GPT
-from gptlab.train import TrainConfig, native_bf16, peak_flops, train
+from gptlab.train import TrainConfig, train
 
 
 def book_step_rate(cfg: GPTConfig, batches, device: str, warmup: int, steps: int) -> float:

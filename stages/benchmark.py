@@ -11,6 +11,7 @@ them) per model go to ``metrics/benchmark.json`` and to MLflow as ``<model>.<tas
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -53,9 +54,14 @@ class BenchmarkParams:
 def benchmark(params: BenchmarkParams, models: dict[str, Path], device: str) -> dict[str, dict[str, dict]]:
     """{model: {task: {metric: value}}} for every model on every task; no files written."""
     import lm_eval
+    import torch.utils.collect_env as collect_env
     from lm_eval.tasks import TaskManager
 
     from stages.lm_harness import GptlabLM
+
+    # simple_evaluate describes the environment for its report (torch's collect_env: a dozen subprocesses, ~2 s)
+    # on every call; it cannot change between the models of one stage, so it is asked once.
+    collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
 
     # lm-eval indexes its thousands of built-in task files only when a task is not one of ours.
     manager = TaskManager(include_path=params.include_path, include_defaults=False)

@@ -23,6 +23,7 @@ GIT_ENV = {
 FEW_STEPS = {"epochs": None, "max_steps": 2, "warmup_steps": 0, "eval_interval": 100, "eval_batches": 1}
 TINY_PARAMS = {
     "pretrain": {
+        "model": "gpt-micro",  # 2 layers, 64 wide: the vocabulary head is most of every stage's compute
         "train": {
             "max_steps": 4,
             "warmup_steps": 0,

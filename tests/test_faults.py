@@ -1,11 +1,11 @@
 """Fault suite: ``kill -9`` at the moments that matter, then rerun, as an unlucky user would.
 
-Pretraining killed at each kind of moment that leaves something behind (mid-step between checkpoints, while a
-checkpoint is being written, during the final write into ``models/pretrain``) reruns to byte-identical weights and metrics,
-resuming from its last checkpoint where it had one; a download killed mid-transfer resumes from
-its partial file; and after each successful rerun no temp directory is left under ``data/``, ``models/`` or
-``work/``. Interrupted runs whose params were changed back (so DVC's run cache serves the rerun) leave no work
-directory behind either.
+Pretraining killed at each kind of moment that leaves something behind — mid-step between checkpoints, then
+(restarted) while a checkpoint is being written, then (restarted again) during the final write into
+``models/pretrain`` — resumes from its last checkpoint each time and ends with byte-identical weights and
+metrics; a download killed mid-transfer resumes from its partial file; and after each successful rerun no temp
+directory is left under ``data/``, ``models/`` or ``work/``. Interrupted runs whose params were changed back (so
+DVC's run cache serves the rerun) leave no work directory behind either.
 
 Torch runs single-threaded here: a multi-threaded BLAS may sum in a different order in another process, which
 changes the last bit of a weight independently of resuming (see README, "Failure behaviour").
@@ -60,7 +60,8 @@ def clone(tmp_path_factory) -> Path:
 
 
 def env(root: Path, **extra: str) -> dict[str, str]:
-    return clean_env(root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    # Unbuffered: a killed stage's last lines reach the pipe.
+    return clean_env(root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
 def start(cmd: list[str], root: Path, environ: dict[str, str]) -> subprocess.Popen:
@@ -76,10 +77,11 @@ def start(cmd: list[str], root: Path, environ: dict[str, str]) -> subprocess.Pop
     )
 
 
-def kill9(proc: subprocess.Popen) -> None:
+def kill9(proc: subprocess.Popen) -> str:
+    """``kill -9`` the stage's whole session; what it printed until then."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    return proc.communicate(timeout=60)[0]
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
@@ -112,22 +114,22 @@ def checkpoints_seen(work: Path):
     return count
 
 
-def kill_points(root: Path) -> list[tuple[str, object, bool]]:
-    """(moment, predicate that says it has come, whether the rerun resumes from a checkpoint)."""
+def kill_points(root: Path) -> list[tuple[str, object]]:
+    """(moment, a maker of the predicate that says it has come), in the order one run meets them."""
     work, models = root / "work" / "pretrain", root / "models"
 
     def mid_step():
         count = checkpoints_seen(work)
-        return lambda: count() >= 2 and (time.sleep(0.01) or True)  # a step after the second checkpoint
+        return lambda: count() >= 2 and (time.sleep(0.01) or True)  # a step after a new checkpoint
 
     def mid_checkpoint_write():
         count = checkpoints_seen(work)
         return lambda: count() >= 1 and any(work.glob(".*.tmp"))  # a later save's temp directory exists
 
     return [
-        ("mid-step", mid_step, True),
-        ("mid-checkpoint-write", mid_checkpoint_write, True),
-        ("final write", lambda: lambda: any(models.glob(".pretrain.*.tmp")), True),
+        ("mid-step", mid_step),
+        ("mid-checkpoint-write", mid_checkpoint_write),
+        ("final write", lambda: lambda: any(models.glob(".pretrain.*.tmp"))),
     ]
 
 
@@ -135,19 +137,21 @@ def test_pretrain_killed_at_each_moment_reruns_byte_identical(clone: Path) -> No
     run(PRETRAIN, clone, env(clone))
     reference = fingerprint(clone)
     assert not (clone / "work" / "pretrain").exists() and leftovers(clone) == []
-    for phase, make_predicate, resumes in kill_points(clone):
-        for rel in ("models/pretrain", "work/pretrain"):
-            subprocess.run(["rm", "-rf", str(clone / rel)], check=True)
+    for rel in ("models/pretrain", "work/pretrain"):
+        subprocess.run(["rm", "-rf", str(clone / rel)], check=True)
+    # One run killed at each moment in turn: every restart resumes from the checkpoint the last kill left.
+    for i, (phase, make_predicate) in enumerate(kill_points(clone)):
         predicate = make_predicate()
         proc = start(PRETRAIN, clone, env(clone))
         if not wait_for(predicate, proc):
             pytest.fail(f"{phase}: the stage ended before that moment:\n{proc.communicate()[0]}")
-        kill9(proc)
-        out = run(PRETRAIN, clone, env(clone)).stdout
-        assert ("pretrain: resuming from" in out) == resumes, f"{phase}: rerun output:\n{out}"
-        assert fingerprint(clone) == reference, f"{phase}: the rerun differs; its output:\n{out}"
-        assert not (clone / "work" / "pretrain").exists()
-        assert leftovers(clone) == [], phase
+        out = kill9(proc)
+        assert i == 0 or "pretrain: resuming from" in out, f"{phase}: the restart's output:\n{out}"
+    out = run(PRETRAIN, clone, env(clone)).stdout
+    assert "pretrain: resuming from" in out, f"the rerun after the final-write kill:\n{out}"
+    assert fingerprint(clone) == reference, f"the rerun differs; its output:\n{out}"
+    assert not (clone / "work" / "pretrain").exists()
+    assert leftovers(clone) == []
 
 
 def interrupted_run(clone: Path, max_steps: int) -> Path:

@@ -323,15 +323,15 @@ def test_eval_first_needs_periodic_evaluation() -> None:
 
 
 def test_auto_precision_asks_torch_for_native_bf16(monkeypatch) -> None:
-    from gptlab import train as train_module
+    from gptlab.device import resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert train_module.resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert train_module.resolve_precision("auto", "cpu") == "bf16"
-    assert train_module.resolve_precision("fp32", "cpu") == "fp32"
-    assert train_module.resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
 
 
 def test_bf16_training_is_recorded_and_deterministic(shards) -> None:
