@@ -16,6 +16,10 @@ cache, both greedy from the same prompt ids, on the same number of threads, neve
 Each figure is the best of ``--rounds`` (other load only ever slows a round down). bf16 is measured by default
 only where the CPU has native bf16 arithmetic (AVX-512-BF16 or AMX). The f32 greedy tokens of both engines are
 compared: the table says how many of the first ``--new-tokens`` agree.
+
+A second table bounds batch-1 decoding from below: the matrix products of one token alone (:func:`products_alone`)
+through each kernel at hand, against llama.cpp's whole token — decoding one sequence reads every
+weight once per token, so it is memory-bound and the kernel's bandwidth sets the floor.
 """
 
 from __future__ import annotations
@@ -95,6 +99,41 @@ def rates(result: dict, prompt_tokens: int, new_tokens: int) -> tuple[float, flo
     return prefill, decode
 
 
+def products_alone(model, rounds: int) -> dict[str, float]:
+    """Seconds for the matrix products of one batch-1 decode step alone (every linear layer once, head included,
+    on a fresh (1, in) input), through each CPU kernel at hand: ``F.linear`` on the (out, in) weights gptlab
+    keeps (what it runs: MKL), a plain matmul on a (in, out) copy, numpy's matmul on the same memory (the OpenBLAS
+    its wheel bundles) and oneDNN's prepacked linear (a private op). The weights stream from memory as in decoding: together they are far larger than the caches."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
+    transposed = [w.t().contiguous() for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+    kernels = {
+        "F.linear, (out, in) weights (gptlab)": lambda: [
+            torch.nn.functional.linear(x, w) for x, w in zip(xs, weights, strict=True)
+        ],
+        "matmul, (in, out) copy": lambda: [x @ w for x, w in zip(xs, transposed, strict=True)],
+        "numpy's matmul (OpenBLAS), (out, in) weights": lambda: [
+            x.numpy() @ w.numpy().T for x, w in zip(xs, weights, strict=True)
+        ],
+        "oneDNN prepacked linear": lambda: [
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            for x, w in zip(xs, packed, strict=True)
+        ],
+    }
+    best = {}
+    for name, step in kernels.items():
+        step()  # warm-up
+        times = []
+        for _ in range(max(rounds, 3)):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        best[name] = min(times)
+    best["bytes"] = sum(w.numel() * w.element_size() for w in weights)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path)
@@ -119,7 +158,7 @@ def main() -> None:
     print(f"prompt {len(ids)} tokens, {n} new tokens, greedy, best of {args.rounds} rounds\n")
     print(f"| precision | engine | prefill tok/s | decode tok/s (batch 1) | aggregate tok/s (batch {B}) |")
     print("|---|---|---:|---:|---:|")
-    agreement = []
+    agreement, alone = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions:
             gguf = export_gguf(
@@ -131,6 +170,7 @@ def main() -> None:
             oursB = gptlab_rounds(model, ids, n, B, args.rounds)
             theirs1 = llama_cpp(gguf, ids, n, 1, args.threads, args.rounds)
             theirsB = llama_cpp(gguf, ids, n, B, args.threads, args.rounds)
+            alone[precision] = products_alone(model, args.rounds)
             del model
             row = {}
             for engine, one, many in (("llama.cpp", theirs1, theirsB), ("gptlab", ours1, oursB)):
@@ -145,7 +185,22 @@ def main() -> None:
                 (i for i, (a, b) in enumerate(zip(ours1["out"], theirs1["out"], strict=True)) if a != b), n
             )
             agreement.append(f"{precision}: the first {same} of {n} greedy tokens agree")
+            alone[precision]["llama.cpp"] = row["llama.cpp"][1]
     print("\n" + "; ".join(agreement))
+    print("\nBatch 1: the matrix products of one token alone, by kernel, against llama.cpp's whole token\n")
+    print("| precision | what | ms per token | GB/s of weights read | ÷ llama.cpp's whole token |")
+    print("|---|---|---:|---:|---:|")
+    for precision, result in alone.items():
+        theirs = 1 / result.pop("llama.cpp")
+        size = result.pop("bytes")
+        print(
+            f"| {precision} | llama.cpp, the whole token | {theirs * 1e3:.1f} | {size / theirs / 1e9:.1f} | 1.00 |"
+        )
+        for name, seconds in result.items():
+            print(
+                f"| {precision} | {name}, products only | {seconds * 1e3:.1f} | {size / seconds / 1e9:.1f} | "
+                f"{seconds / theirs:.2f} |"
+            )
 
 
 if __name__ == "__main__":
