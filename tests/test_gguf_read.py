@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from gptlab.checkpoint import read_config
 from gptlab.cli import main as cli_main
-from gptlab.formats.gguf_read import GGUFImportError, _unpermute, hf_name, load_gguf
+from gptlab.formats.gguf_read import GGUFImportError, _reader, _unpermute, hf_name, load_gguf, read_metadata
 from gptlab.generate import generate
 from gptlab.load import load_checkpoint, load_tokenizer
 
@@ -132,6 +132,20 @@ def test_bad_files_are_one_line_errors(files, tmp_path) -> None:
         with pytest.raises(GGUFImportError, match=message) as err:
             load_gguf(path)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_the_fast_reader_reads_what_ggufs_own_reader_reads(files, qtype) -> None:
+    import gguf
+
+    _, path = files[qtype]
+    ours, theirs = _reader(path), gguf.GGUFReader(str(path))
+    assert read_metadata(ours) == read_metadata(theirs)
+    assert [(t.name, t.tensor_type, t.shape.tolist()) for t in ours.tensors] == [
+        (t.name, t.tensor_type, t.shape.tolist()) for t in theirs.tensors
+    ]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
 
 
 def test_rope_freqs_and_sentencepiece_vocabularies_are_refused(files, tmp_path) -> None:
