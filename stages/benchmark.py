@@ -59,7 +59,7 @@ def benchmark(params: BenchmarkParams, models: dict[str, Path], device: str) -> 
 
     from stages.lm_harness import GptlabLM
 
-    # simple_evaluate describes the environment for its report (torch's collect_env: a dozen subprocesses, ~2 s)
+    # simple_evaluate describes the environment for its report (torch's collect_env: a dozen subprocesses, ~1.3 s)
     # on every call; it cannot change between the models of one stage, so it is asked once.
     collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
 
